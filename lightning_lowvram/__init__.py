@@ -1,0 +1,27 @@
+"""lightning-lowvram: train and run models that are too big for your GPU, with Lightning."""
+
+from lightning_lowvram.callbacks import MemoryReportCallback
+from lightning_lowvram.memory import (
+    GPUProfile,
+    MemoryMeter,
+    MemoryStats,
+    format_bytes,
+    gpu_profile,
+    is_oom_error,
+    known_gpus,
+    memory_budget,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPUProfile",
+    "MemoryMeter",
+    "MemoryReportCallback",
+    "MemoryStats",
+    "format_bytes",
+    "gpu_profile",
+    "is_oom_error",
+    "known_gpus",
+    "memory_budget",
+]

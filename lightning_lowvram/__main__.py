@@ -1,0 +1,3 @@
+from lightning_lowvram.cli import main
+
+main()

@@ -1,0 +1,6 @@
+"""Demo models and data that need no download: digits MLP and a tiny byte-level GPT."""
+
+from lightning_lowvram.demo.digits import DigitsDataModule, DigitsMLP
+from lightning_lowvram.demo.gpt import TinyGPT, TinyTextDataModule
+
+__all__ = ["DigitsDataModule", "DigitsMLP", "TinyGPT", "TinyTextDataModule"]

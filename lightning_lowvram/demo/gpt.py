@@ -1,0 +1,160 @@
+"""Demo: a tiny GPT-style byte-level language model on text the package ships (no download)."""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class ByteWindows(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` bytes: ``(input, next-byte target)``."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int) -> None:
+        self.data, self.seq_len = data, seq_len
+
+    def __len__(self) -> int:
+        return max((len(self.data) - 1) // self.seq_len, 0)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.data[i * self.seq_len : (i + 1) * self.seq_len + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class TinyTextDataModule(L.LightningDataModule):
+    """Byte-level windows of a text file (default: ``tiny_text.txt`` shipped with the package).
+
+    Args:
+        path: A UTF-8 text file; ``None`` uses the bundled text.
+        seq_len: Tokens (bytes) per sample.
+        batch_size: Samples per batch.
+        val_fraction: Tail share of the text used for validation and test.
+
+    Example:
+        >>> dm = TinyTextDataModule(seq_len=32, batch_size=4)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), bool((x[:, 1:] == y[:, :-1]).all())
+        ((4, 32), True)
+    """
+
+    def __init__(self, path: str | None = None, seq_len: int = 64, batch_size: int = 16, val_fraction: float = 0.1):
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"data.seq_len and data.batch_size must be >= 1, got {seq_len}, {batch_size}")
+        self.path, self.seq_len, self.batch_size, self.val_fraction = path, seq_len, batch_size, val_fraction
+        self.splits: dict[str, ByteWindows] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.path is None:
+            raw = (resources.files("lightning_lowvram.demo") / "tiny_text.txt").read_bytes()
+        else:
+            raw = Path(self.path).read_bytes()
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        cut = int(len(data) * (1 - self.val_fraction))
+        self.splits = {"train": ByteWindows(data[:cut], self.seq_len), "val": ByteWindows(data[cut:], self.seq_len)}
+        if len(self.splits["train"]) == 0 or len(self.splits["val"]) == 0:
+            raise ValueError(f"data.seq_len={self.seq_len} is too long for a text of {len(data)} bytes")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.splits["val"], batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with fused QKV; ``n_head`` heads of ``d_model // n_head``."""
+
+    def __init__(self, d_model: int, n_head: int) -> None:
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"model.d_model={d_model} must be divisible by model.n_head={n_head}")
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention and a 4x MLP, each with a residual."""
+
+    def __init__(self, d_model: int, n_head: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(L.LightningModule):
+    """A GPT-style decoder over bytes (vocabulary 256).
+
+    Args:
+        seq_len: Maximum context length (position embeddings).
+        d_model: Embedding width.
+        n_head: Attention heads per block.
+        n_layer: Number of blocks.
+        lr: AdamW learning rate.
+
+    Example:
+        >>> TinyGPT(seq_len=16, d_model=32, n_head=2, n_layer=1)(torch.zeros(2, 16, dtype=torch.long)).shape
+        torch.Size([2, 16, 256])
+    """
+
+    vocab_size = 256
+
+    def __init__(self, seq_len: int = 64, d_model: int = 128, n_head: int = 4, n_layer: int = 2, lr: float = 3e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tok = nn.Embedding(self.vocab_size, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, self.vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/bits_per_byte", loss / math.log(2))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self._loss(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

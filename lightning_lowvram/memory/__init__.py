@@ -1,0 +1,20 @@
+"""Measure memory, emulate a smaller device, recognise OOM errors, describe GPUs."""
+
+from lightning_lowvram.memory.budget import active_budget, memory_budget
+from lightning_lowvram.memory.meter import MemoryMeter, MemoryStats, memory_table
+from lightning_lowvram.memory.oom import is_oom_error
+from lightning_lowvram.memory.profiles import GPUProfile, detect_gpu, format_bytes, gpu_profile, known_gpus
+
+__all__ = [
+    "GPUProfile",
+    "MemoryMeter",
+    "MemoryStats",
+    "active_budget",
+    "detect_gpu",
+    "format_bytes",
+    "gpu_profile",
+    "is_oom_error",
+    "known_gpus",
+    "memory_budget",
+    "memory_table",
+]
