@@ -57,6 +57,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ConfigError: For an unknown command, a bad GPU profile, a ``_target_`` that does not resolve, or a model that
             cannot be trained.
+
     """
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         if args[0] not in COMMANDS:
             print(f"lowvram: error: unknown command {args[0]!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
             sys.exit(2)
-        overrides = [f"command={args[0]}", *args[1:]]
+        overrides = [*args[1:], f"command={args[0]}"]  # last, so Hydra flags (`--cfg job`) may come first
     sys.argv = [sys.argv[0], *overrides]
     app = hydra.main(config_path="pkg://lightning_lowvram.conf", config_name="lowvram", version_base="1.3")
     app(_hydra_main)()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -40,6 +40,7 @@ class MemoryReportCallback(Callback):
         >>> trainer.fit(DigitsMLP(hidden=16), DigitsDataModule(batch_size=8))
         >>> report.reports["fit"]["parameters"] > 0
         True
+
     """
 
     def __init__(self, stages: Sequence[Stage] = _STAGES, print_table: bool = True) -> None:

@@ -26,6 +26,7 @@ class DigitsDataModule(L.LightningDataModule):
         >>> x, y = next(iter(dm.train_dataloader()))
         >>> tuple(x.shape), tuple(y.shape)
         ((32, 64), (32,))
+
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class DigitsMLP(L.LightningModule):
     Example:
         >>> DigitsMLP(hidden=32)(torch.zeros(2, 64)).shape
         torch.Size([2, 10])
+
     """
 
     def __init__(self, hidden: int = 128, depth: int = 2, lr: float = 1e-2, weight_decay: float = 0.0) -> None:

@@ -42,6 +42,7 @@ class TinyTextDataModule(L.LightningDataModule):
         >>> x, y = next(iter(dm.train_dataloader()))
         >>> tuple(x.shape), bool((x[:, 1:] == y[:, :-1]).all())
         ((4, 32), True)
+
     """
 
     def __init__(self, path: str | None = None, seq_len: int = 64, batch_size: int = 16, val_fraction: float = 0.1):
@@ -120,6 +121,7 @@ class TinyGPT(L.LightningModule):
     Example:
         >>> TinyGPT(seq_len=16, d_model=32, n_head=2, n_layer=1)(torch.zeros(2, 16, dtype=torch.long)).shape
         torch.Size([2, 16, 256])
+
     """
 
     vocab_size = 256

@@ -97,6 +97,7 @@ def memory_budget(
         ...     except torch.OutOfMemoryError:
         ...         print("OOM")
         OOM
+
     """
     global _ACTIVE
     nbytes, label = _resolve_limit(limit)

@@ -22,6 +22,7 @@ class MemoryStats:
             ``other`` (tensors registered with the meter that fit none of these).
         cuda_allocated: Peak of ``torch.cuda.max_memory_allocated`` over the region (CUDA only).
         cuda_reserved: Peak of ``torch.cuda.max_memory_reserved`` over the region (CUDA only).
+
     """
 
     total: int
@@ -74,6 +75,7 @@ class MemoryMeter:
         ...     layer(torch.ones(8, 4)).sum().backward()
         >>> meter.current["parameters"], meter.current["gradients"]  # live at exit: 8 weights + 2 biases, float32
         (40, 40)
+
     """
 
     def __init__(self, *track: nn.Module | torch.optim.Optimizer | torch.Tensor) -> None:
@@ -147,6 +149,7 @@ def memory_table(reports: dict[str, MemoryStats]) -> str:
         parameters  1.00 KiB
         gradients   1.00 KiB
         peak total  2.00 KiB
+
     """
     stages = list(reports)
     rows = [c for c in CATEGORIES.values() if any(r.by_category.get(c, 0) for r in reports.values())]
@@ -157,6 +160,6 @@ def memory_table(reports: dict[str, MemoryStats]) -> str:
         lines.append(["cuda reserved", *(format_bytes(reports[s].cuda_reserved or 0) for s in stages)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        "  ".join([line[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(line[1:], widths[1:], strict=True))])
         for line in lines
     )

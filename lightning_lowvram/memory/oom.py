@@ -35,6 +35,7 @@ def is_oom_error(exc: BaseException) -> bool:
         True
         >>> is_oom_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
         False
+
     """
     if isinstance(exc, torch.OutOfMemoryError):
         return True

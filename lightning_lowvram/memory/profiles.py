@@ -44,6 +44,7 @@ class GPUProfile:
     Example:
         >>> gpu_profile("rtx3060_12gb").bf16
         True
+
     """
 
     name: str
@@ -141,6 +142,7 @@ def gpu_profile(name: str | GPUProfile = "auto") -> GPUProfile:
     Example:
         >>> round(gpu_profile("t4_16gb").memory_gib, 2)
         14.75
+
     """
     if isinstance(name, GPUProfile):
         return name

@@ -19,7 +19,7 @@ CASES = [
     ),
     (
         RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1"
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1"
         ),
         True,
     ),

@@ -1,0 +1,151 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.errors import MissingConfigException
+
+from lightning_lowvram import known_gpus
+from lightning_lowvram.cli import ConfigError, build, run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.logger=false",
+    "trainer.enable_checkpointing=false",
+]
+
+
+def _cfg(*overrides):
+    with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
+        return compose("lowvram", overrides=[*FAST, *overrides])
+
+
+def test_fit_on_the_default_demo_under_an_emulated_card(tmp_path, capsys):
+    summary = run(_cfg("gpu=rtx3060_12gb", f"trainer.default_root_dir={tmp_path}"))
+    assert summary["gpu"].startswith("rtx3060_12gb: 11.76 GiB, emulated on cpu")
+    assert summary["effective_batch"] == 64
+    assert summary["strategies"] == ["none"]
+    assert 0 <= summary["metrics"]["test/acc"] <= 1 and "val/acc" in summary["metrics"]
+    assert summary["memory"]["fit"]["parameters"] == summary["parameters"] * 4
+    out = capsys.readouterr().out
+    assert "lowvram summary" in out and "peak memory by stage and category" in out
+
+
+def test_fit_the_tiny_gpt(tmp_path):
+    summary = run(_cfg("model=tiny_gpt", "data=tiny_text", "+model.n_layer=1", f"trainer.default_root_dir={tmp_path}"))
+    assert summary["model"] == "lightning_lowvram.demo.TinyGPT"
+    assert summary["effective_batch"] == 16
+    assert "val/loss" in summary["metrics"]
+
+
+def test_a_users_own_module_and_data(tmp_path):
+    summary = run(
+        _cfg(
+            "model._target_=tests.helpers.UserModule",
+            "+model.width=8",
+            "data._target_=tests.helpers.UserData",
+            "+data.batch_size=4",
+            "gpu=rtx3070_8gb",
+            f"trainer.default_root_dir={tmp_path}",
+        )
+    )
+    assert summary["model"] == "tests.helpers.UserModule"
+    assert summary["effective_batch"] == 4 and "user/loss" in summary["metrics"]
+
+
+def test_a_card_too_small_for_the_step_raises_the_real_oom(tmp_path):
+    cfg = _cfg("gpu=rtx3060_12gb", "gpu.memory_gib=0.0001", "gpu.context_mib=0", f"trainer.default_root_dir={tmp_path}")
+    with pytest.raises(torch.OutOfMemoryError, match="Budget of rtx3060_12gb"):
+        run(cfg)
+
+
+def test_overrides_reach_the_trainer_and_model(tmp_path):
+    parts = build(
+        _cfg(
+            "trainer.max_epochs=2",
+            "trainer.accumulate_grad_batches=2",
+            "+model.hidden=16",
+            f"trainer.default_root_dir={tmp_path}",
+        )
+    )
+    assert parts["trainer"].max_epochs == 2 and parts["trainer"].accumulate_grad_batches == 2
+    assert parts["model"].net[0].out_features == 16
+    assert [type(c).__name__ for c in parts["callbacks"].values()] == ["MemoryReportCallback"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["gpu=rtx3060_12gb", "gpu.memory_gib=-1"], "gpu.memory_gib must be > 0"),
+        (["model._target_=no_such_pkg.Model"], "model._target_='no_such_pkg.Model' could not be instantiated"),
+        (["data._target_=no_such_pkg.Data"], "data._target_='no_such_pkg.Data' could not be instantiated"),
+        (
+            ["model._target_=tests.helpers.NoTrainingStep"],
+            "model._target_='tests.helpers.NoTrainingStep' has no training_step",
+        ),
+        (
+            ["model._target_=tests.helpers.NotAModule"],
+            "not a LightningModule",
+        ),
+        (["command=train"], "command='train' is unknown; allowed: fit"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_key_before_training(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        build(_cfg(*overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_gpu_lists_the_known_cards():
+    with pytest.raises(MissingConfigException, match="Could not find 'gpu/rtx9999'") as info:
+        _cfg("gpu=rtx9999")
+    assert "rtx3060_12gb" in str(info.value.options)
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("strategy", _options("strategy"))
+@pytest.mark.parametrize("gpu", _options("gpu"))
+def test_every_gpu_and_strategy_composes_and_builds(gpu, strategy, tmp_path):
+    cfg = _cfg(f"gpu={gpu}", f"strategy={strategy}", f"trainer.default_root_dir={tmp_path}")
+    assert cfg.gpu.name == gpu and cfg.strategy.name == strategy
+    assert gpu in known_gpus()
+    parts = build(cfg)
+    assert parts["profile"].name == (
+        "cpu" if gpu == "auto" and not torch.cuda.is_available() else parts["profile"].name
+    )
+
+
+def _lowvram(*args, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", [["lowvram"], [sys.executable, "-m", "lightning_lowvram"]], ids=["script", "module"])
+def test_console_script_and_module(entry, tmp_path):
+    exe = Path(sys.executable).parent / "lowvram"
+    cmd = [str(exe)] if entry == ["lowvram"] else entry
+    proc = _lowvram(*cmd, "fit", "gpu=t4_16gb", *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lowvram summary" in proc.stdout
+    assert "t4_16gb: 14.75 GiB, emulated on cpu" in proc.stdout
+    assert "effective batch  64 = 64 per batch x 1 accumulation x 1 device(s)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_errors_exit_2_with_one_line(tmp_path):
+    proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "train", cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown command 'train'; allowed: fit" in proc.stderr
+    proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "fit", "model._target_=nope.Nope", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("lowvram: error: model._target_='nope.Nope'")

@@ -1,0 +1,29 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.slow
+def test_own_module_example(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "own_module.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usable on rtx3060_12gb" in proc.stdout
+
+
+@pytest.mark.slow
+def test_hydra_app_example(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "app.py", "gpu=t4_16gb", f"hydra.run.dir={tmp_path}"],
+        cwd=EXAMPLES / "hydra_app",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["t4_16gb", "14.75", "['MemoryReportCallback']"]
