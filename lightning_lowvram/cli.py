@@ -171,6 +171,20 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def _check_gpu_choice(overrides: list[str]) -> str | None:
+    """One line for an unknown `gpu=<name>` (Hydra's own message spans many), unless a search path adds configs."""
+    from lightning_lowvram.memory.profiles import known_gpus
+
+    if any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides):
+        return None
+    for override in overrides:
+        if override.startswith("gpu="):
+            name = override.split("=", 1)[1]
+            if name not in known_gpus():
+                return f"gpu={name!r} is not a known GPU profile; known: {', '.join(known_gpus())}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: ``lowvram <command> [hydra overrides...]``."""
     import hydra
@@ -182,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"lowvram: error: unknown command {args[0]!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
             sys.exit(2)
         overrides = [*args[1:], f"command={args[0]}"]  # last, so Hydra flags (`--cfg job`) may come first
+    error = _check_gpu_choice(overrides)
+    if error:
+        print(f"lowvram: error: {error}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [sys.argv[0], *overrides]
     app = hydra.main(config_path="pkg://lightning_lowvram.conf", config_name="lowvram", version_base="1.3")
     app(_hydra_main)()

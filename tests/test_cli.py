@@ -146,6 +146,12 @@ def test_console_script_and_module(entry, tmp_path):
 def test_cli_errors_exit_2_with_one_line(tmp_path):
     proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "train", cwd=tmp_path)
     assert proc.returncode == 2 and "unknown command 'train'; allowed: fit" in proc.stderr
+    proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "fit", "gpu=rtx9999", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == f"lowvram: error: gpu='rtx9999' is not a known GPU profile; known: {', '.join(known_gpus())}"
+    )
     proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "fit", "model._target_=nope.Nope", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("lowvram: error: model._target_='nope.Nope'")
