@@ -1,5 +1,6 @@
 """lightning-lowvram: train and run models that are too big for your GPU, with Lightning."""
 
+from lightning_lowvram.batching import merge_outputs, split_batch
 from lightning_lowvram.callbacks import MemoryReportCallback
 from lightning_lowvram.memory import (
     GPUProfile,
@@ -24,4 +25,6 @@ __all__ = [
     "is_oom_error",
     "known_gpus",
     "memory_budget",
+    "merge_outputs",
+    "split_batch",
 ]

@@ -105,6 +105,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     parts = build(cfg)
     trainer, model, data = parts["trainer"], parts["model"], parts["data"]
+    if isinstance(data, L.LightningDataModule):
+        # datasets live in host memory: build them before an emulated device budget starts counting
+        data.prepare_data()
+        data.setup("fit")
     with _gpu_memory(parts["profile"], trainer, cfg.emulate_gpu) as gpu_line:
         trainer.fit(model, datamodule=data)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -66,11 +66,25 @@ class LiveTensorTracker(MemTracker):
 
     def _register_global_optimizer_hook(self) -> None:
         # Like MemTracker's, but state that exists before the step (made outside the tracker) counts from its start.
-        def pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        def pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
             before = self.live_bytes()
             self._track_optimizer_states(_MemRefType.OPT, optimizer)
             self._after_update(self.live_bytes() - before)
             self._in_opt = True
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+            if closure is None:
+                return None
+
+            def closure_outside_optimizer() -> Any:  # Lightning runs forward/backward inside step(closure)
+                self._in_opt = False
+                try:
+                    return closure()
+                finally:
+                    self._in_opt = True
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_outside_optimizer}
+            return (args[0], closure_outside_optimizer, *args[2:]), kwargs
 
         def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self._track_optimizer_states(_MemRefType.OPT, optimizer)

@@ -74,3 +74,22 @@ def test_metrics_and_str():
     metrics = meter.peak.as_metrics("lowvram/memory/fit")
     assert metrics["lowvram/memory/fit/parameters_mib"] == pytest.approx(PARAM_BYTES / 2**20)
     assert "parameters" in str(meter.peak)
+
+
+def test_forward_inside_an_optimizer_closure_counts_as_activations_not_optimizer_state():
+    """Lightning runs training_step and backward inside optimizer.step(closure)."""
+    layer = nn.Linear(IN, OUT)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)  # no state
+    kept = []
+
+    def closure():
+        opt.zero_grad()
+        out = layer(torch.randn(32, IN))
+        kept.append(out)
+        out.sum().backward()
+        return out.sum()
+
+    with MemoryMeter(layer, opt) as meter:
+        opt.step(closure)
+    assert meter.current["optimizer"] == 0
+    assert meter.current["activations"] >= state_bytes(kept[0])
