@@ -22,8 +22,8 @@ class MemoryReportCallback(Callback):
     it ends; validation inside ``fit`` counts toward ``fit``. Metrics ``lowvram/memory/<stage>/<category>_mib`` go to
     every logger of the Trainer; the table is printed on rank zero. ``reports`` keeps the last peak of each stage.
 
-    The one trap: the meter is a ``TorchDispatchMode`` that sees every operation, so it costs time on models made of
-    many tiny operations; leave it out of timing runs.
+    The one trap: the meter is a ``TorchDispatchMode`` that runs Python code on every tensor operation (not measured
+    yet); leave it out of timing runs.
 
     Args:
         stages: Stages to measure.
