@@ -1,7 +1,7 @@
 """lightning-lowvram: train and run models that are too big for your GPU, with Lightning."""
 
 from lightning_lowvram.batching import merge_outputs, split_batch
-from lightning_lowvram.callbacks import MemoryReportCallback
+from lightning_lowvram.callbacks import AutoMicroBatchCallback, MemoryReportCallback
 from lightning_lowvram.memory import (
     GPUProfile,
     MemoryMeter,
@@ -16,6 +16,7 @@ from lightning_lowvram.memory import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoMicroBatchCallback",
     "GPUProfile",
     "MemoryMeter",
     "MemoryReportCallback",
