@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -21,17 +22,18 @@ BATCH = 128
 class WideNet(L.LightningModule):
     """float64, no dropout/BatchNorm; activations dominate memory, so the budget decides the micro-batch size."""
 
-    def __init__(self, width: int = 512):
+    def __init__(self, width: int = 512, dtype: torch.dtype = torch.float64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10)).double()
+        self.net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10)).to(dtype)
         self.seen = torchmetrics.SumMetric()
-        self.predicted = []
+        self.samples = torchmetrics.SumMetric()  # samples training_step saw since the last optimizer step
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(x.to(self.net[0].weight.dtype))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        self.samples.update(torch.ones(len(x), dtype=torch.float64))
         return F.cross_entropy(self(x), y)
 
     def validation_step(self, batch, batch_idx):
@@ -50,9 +52,74 @@ class WideNet(L.LightningModule):
         }
 
 
-def _fit(callbacks=(), budget=None, batches=6, epochs=2, accumulate=1, seed=0, ckpt=None, trainer_kwargs=None):
+class HeavyBackward(torch.autograd.Function):
+    """Identity whose backward needs a scratch buffer 16x the activation: out-of-memory errors happen in backward."""
+
+    events: list[tuple[str, int]] = []  # ("forward" | "backward", micro-batch size), in order
+
+    @staticmethod
+    def forward(ctx, x):
+        HeavyBackward.events.append(("forward", len(x)))
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        HeavyBackward.events.append(("backward", len(grad)))
+        scratch = grad.repeat(1, 64)
+        return grad + 0 * scratch[:, : grad.shape[1]]
+
+
+class HeavyBackwardNet(WideNet):
+    def forward(self, x):
+        hidden = HeavyBackward.apply(self.net[0](x))
+        return self.net[2](self.net[1](hidden))
+
+
+class BatchNormNet(WideNet):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10)).double()
+
+
+class SamplesPerStep(Callback):
+    """Samples the module's training_step saw before each optimizer step."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.counts.append(int(pl_module.samples.compute()))  # torchmetrics: restored when an attempt fails
+        pl_module.samples.reset()
+
+
+class Tighten(Callback):
+    """Enter a tighter budget before the `at`-th training batch (0-based), as longer sequences later in an epoch would."""
+
+    def __init__(self, at, limit):
+        self.at, self.limit, self.seen, self.stack = at, limit, 0, ExitStack()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen == self.at:
+            self.stack.enter_context(memory_budget(self.limit, device="cpu"))
+        self.seen += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self.stack.close()
+
+
+def _fit(
+    callbacks=(),
+    budget=None,
+    batches=6,
+    epochs=2,
+    accumulate=1,
+    seed=0,
+    ckpt=None,
+    trainer_kwargs=None,
+    model_fn=WideNet,
+):
     L.seed_everything(seed)
-    model = WideNet()
+    model = model_fn()
     data = DigitsDataModule(batch_size=BATCH, dtype="float64")
     data.setup("fit")  # the dataset lives in host memory: built before the emulated device budget
     trainer = quiet_trainer(
@@ -70,10 +137,10 @@ def _fit(callbacks=(), budget=None, batches=6, epochs=2, accumulate=1, seed=0, c
     return model, trainer
 
 
-def _peak(size: int) -> int:
+def _peak(size: int, **fit_kwargs) -> int:
     """Peak bytes (our meter) of a run split into micro-batches of `size`: what a budget must hold for it."""
     report = MemoryReportCallback(stages=["fit"], print_table=False)
-    _fit([AutoMicroBatchCallback(micro_batch_size=size), report], batches=2, epochs=1)
+    _fit([AutoMicroBatchCallback(micro_batch_size=size), report], batches=2, epochs=1, **fit_kwargs)
     return report.reports["fit"].total
 
 
@@ -94,29 +161,19 @@ def _assert_same_weights(a, b, tol=1e-9):
 
 
 def test_a_budget_forces_a_quarter_batch_and_the_weights_equal_plain_lightning(peaks):
-    reference, ref_trainer = _fit()
+    ref_counts, counts = SamplesPerStep(), SamplesPerStep()
+    reference, ref_trainer = _fit([ref_counts])
     micro = AutoMicroBatchCallback()
-    model, trainer = _fit([micro], budget=_between(peaks, 32, 64))
+    model, trainer = _fit([micro, counts], budget=_between(peaks, 32, 64))
     assert micro.micro_batch_size == BATCH // 4 and micro.micro_batches == 4
     assert micro.failed["train"] == 64 and micro.oom_retries == 2  # 128 -> 64 -> 32, failed sizes never retried
     assert trainer.global_step == ref_trainer.global_step == 12
+    assert counts.counts == ref_counts.counts == [BATCH] * 12  # every optimizer step saw the whole batch, once
     _assert_same_weights(model, reference)
 
 
 def test_accumulation_and_a_budget_that_tightens_mid_epoch(peaks):
     """Later batches need less memory than is left: the same batch is redone smaller, earlier gradients kept."""
-
-    class Tighten(Callback):
-        def __init__(self, at, limit):
-            self.at, self.limit, self.seen, self.stack = at, limit, 0, ExitStack()
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.seen == self.at:  # the second batch of an accumulation window: gradients already hold batch 3
-                self.stack.enter_context(memory_budget(self.limit, device="cpu"))
-            self.seen += 1
-
-        def on_train_end(self, trainer, pl_module):
-            self.stack.close()
 
     reference, _ = _fit(accumulate=2)
     micro = AutoMicroBatchCallback()
@@ -125,13 +182,40 @@ def test_accumulation_and_a_budget_that_tightens_mid_epoch(peaks):
     _assert_same_weights(model, reference)
 
 
+def test_oom_in_backward_inside_an_accumulation_window_leaves_no_partial_gradients():
+    """Backward fails after some micro-batches already added their gradients on top of the window's earlier batch."""
+    peaks = {size: _peak(size, model_fn=HeavyBackwardNet) for size in (16, 32)}
+    reference, _ = _fit(accumulate=2, model_fn=HeavyBackwardNet)
+    HeavyBackward.events.clear()
+    micro = AutoMicroBatchCallback(micro_batch_size=32)
+    tighten = Tighten(3, _between(peaks, 16, 32))
+    model, _ = _fit([micro, tighten], accumulate=2, model_fn=HeavyBackwardNet)
+    assert micro.failed["train"] == 32 and micro.micro_batch_size == 16 and micro.oom_retries == 1
+    batch_3 = HeavyBackward.events[3 * 8 : 3 * 8 + 4]  # batches 0-2: 4 micro-batches of 32, forward + backward
+    assert batch_3 == [("forward", 32), ("backward", 32), ("forward", 16), ("backward", 16)]
+    _assert_same_weights(model, reference)
+
+
+def test_batchnorm_running_stats_are_restored_after_a_failed_attempt():
+    peaks = {size: _peak(size, model_fn=BatchNormNet) for size in (32, 64)}
+    reference, _ = _fit([AutoMicroBatchCallback(micro_batch_size=32)], model_fn=BatchNormNet)
+    micro = AutoMicroBatchCallback()
+    model, _ = _fit([micro], budget=_between(peaks, 32, 64), model_fn=BatchNormNet)
+    assert micro.micro_batch_size == 32 and micro.oom_retries == 2
+    _assert_same_weights(model, reference)
+    for a, b in zip(model.net[1].buffers(), reference.net[1].buffers(), strict=True):
+        assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-9)  # failed forwards left no trace
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_randomised_budgets_always_finish_with_the_reference_weights(seed, peaks):
     rng = random.Random(seed)
-    reference, _ = _fit(batches=3, epochs=1)
+    accumulate = rng.choice([1, 2])
+    reference, _ = _fit(batches=4, epochs=1, accumulate=accumulate)
     micro = AutoMicroBatchCallback(micro_batch_size=rng.choice(["auto", 128, 48, 7]))
     budget = rng.randint(peaks[4], peaks[128] + 1000)
-    model, _ = _fit([micro], budget=budget, batches=3, epochs=1)
+    tighten = Tighten(rng.randint(1, 3), rng.randint(peaks[4], budget))  # later batches need more than is left
+    model, _ = _fit([micro, tighten], budget=budget, batches=4, epochs=1, accumulate=accumulate)
     _assert_same_weights(model, reference)
 
 
@@ -196,6 +280,42 @@ def test_bf16_mixed_on_cpu_matches_plain_bf16_closely(peaks):
     reference, _ = _fit(batches=3, epochs=1, trainer_kwargs=kwargs)
     model, _ = _fit([AutoMicroBatchCallback(micro_batch_size=8)], batches=3, epochs=1, trainer_kwargs=kwargs)
     _assert_same_weights(model, reference, tol=1e-2)  # bf16 matmuls round differently per micro-batch
+
+
+def test_16_mixed_with_a_grad_scaler_matches_the_same_split_without_failures():
+    """fp16 autocast + GradScaler (CPU here; the GPU path is the same plugin): scale state survives the retries."""
+
+    def kwargs():
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+
+    def model_fn():
+        return WideNet(dtype=torch.float32)
+
+    peaks = {size: _peak(size, model_fn=model_fn, trainer_kwargs=kwargs()) for size in (32, 64)}
+    reference, ref_trainer = _fit(
+        [AutoMicroBatchCallback(micro_batch_size=32)], trainer_kwargs=kwargs(), model_fn=model_fn
+    )
+    micro = AutoMicroBatchCallback()
+    model, trainer = _fit([micro], budget=_between(peaks, 32, 64), trainer_kwargs=kwargs(), model_fn=model_fn)
+    assert micro.micro_batch_size == 32 and micro.oom_retries == 2
+    assert trainer.precision_plugin.scaler.state_dict() == ref_trainer.precision_plugin.scaler.state_dict()
+    _assert_same_weights(model, reference, tol=0)
+
+
+def test_torch_compiled_module_recovers_and_matches(peaks):
+    """`aot_eager` runs Dynamo + AOTAutograd like inductor does, without a C++ build (too slow for CI)."""
+    reference, _ = _fit(batches=3, epochs=1)
+    micro = AutoMicroBatchCallback()
+    model = None
+
+    def compiled():
+        nonlocal model
+        model = WideNet()
+        return torch.compile(model, backend="aot_eager")
+
+    _fit([micro], budget=_between(peaks, 32, 64), batches=3, epochs=1, model_fn=compiled)
+    assert micro.micro_batch_size == 32 and micro.oom_retries == 2
+    _assert_same_weights(model, reference)
 
 
 @pytest.mark.parametrize(
