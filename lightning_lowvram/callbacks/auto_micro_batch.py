@@ -94,7 +94,6 @@ class AutoMicroBatchCallback(Callback):
         self.micro_batches = 0  # micro-batches in the last training batch
         self._originals: dict[str, Any] = {}
         self._zeroed: tuple[int, int] | None = None
-        self._inner = False
         self._warned_bn = False
         self._backprop_done = False
 
@@ -196,14 +195,11 @@ class AutoMicroBatchCallback(Callback):
             self._shrink(kind, size)
 
     def _attempt(self, run: Callable[[int], Any], size: int) -> tuple[Any, bool]:
-        self._inner = True
         try:
             return run(size), False
         except Exception as err:  # noqa: BLE001 - re-raised unless it is an OOM
             if not is_oom_error(err):
                 raise
-        finally:
-            self._inner = False
         # outside the except block: the traceback (and the tensors its frames hold) is gone
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -213,45 +209,37 @@ class AutoMicroBatchCallback(Callback):
         n = batch_size_of(batch)
         bounds = micro_batch_bounds(n, size)
         self.micro_batch_size, self.micro_batches = min(size, n), len(bounds)
-        if len(bounds) == 1 and self._trainer.world_size > 1:
-            return original(batch, batch_idx, *args, **kwargs)
         if len(bounds) > 1:
             self._warn_batchnorm()
         total = self.count_fn(batch) if self.count_fn else n
         accumulate = self._trainer.accumulate_grad_batches
-        others: torch.Tensor | float = 0.0
+        loss: torch.Tensor | float = 0.0
         for i, (start, end) in enumerate(bounds):
             micro = self.slice_fn(batch, start, end) if self.slice_fn else slice_batch(batch, start, end, n)
             output = original(micro, batch_idx, *args, **kwargs)
             share = (self.count_fn(micro) if self.count_fn else end - start) / total
             weighted = _loss_of(output) * share
-            if i == len(bounds) - 1 and self._trainer.world_size > 1:
-                # under DDP the last backward must be Lightning's (it all-reduces once); the detached sum makes the
-                # recorded loss the full batch's
-                return _with_loss(output, weighted + others)
+            # every backward runs here, inside the attempt, so an OOM in any of them is retried and a failed attempt
+            # leaves no graph behind in Lightning's closure
             self._trainer.strategy.backward(weighted / accumulate, None)
-            others = others + weighted.detach()
-            if i == len(bounds) - 1:
-                # every backward ran here, so a failed attempt leaves no graph behind in Lightning's closure;
-                # Lightning's own backward of the returned (detached) loss is skipped
-                self._backprop_done = True
-                return _with_loss(output, others)
-            del output, weighted
-        raise AssertionError("unreachable: the last micro-batch returns")
+            loss = loss + weighted.detach()
+            if i < len(bounds) - 1:
+                del output, weighted
+        if self._trainer.world_size > 1:
+            # DDP all-reduces gradients in the backward Lightning runs on the returned loss (the inner ones ran inside
+            # DDP's forward, where its hooks stay idle): a zero that reaches every parameter through a cheap graph
+            # (sum, no saved activations) makes that backward add nothing and all-reduce the accumulated gradients
+            params = [p for p in self._module.parameters() if p.requires_grad]
+            loss = loss + 0.0 * sum(p.sum() for p in params)
+        else:
+            self._backprop_done = True  # Lightning's own backward of the returned (detached) loss is skipped
+        return _with_loss(output, loss)
 
     def _backward(self, original: Callable[..., Any], loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self._backprop_done:  # every micro-batch already back-propagated inside training_step
             self._backprop_done = False
             return None
-        if self._inner:
-            return original(loss, *args, **kwargs)
-        _, oom = self._attempt(lambda _: original(loss, *args, **kwargs), 0)
-        if self._any_rank(oom):
-            raise torch.OutOfMemoryError(
-                "AutoMicroBatchCallback: out of memory in the last micro-batch's backward under DDP, which cannot be "
-                f"redone without a collective mismatch; set micro_batch_size below {self.micro_batch_size}"
-            )
-        return None
+        return original(loss, *args, **kwargs)
 
     def _snapshot(self, first_in_window: bool) -> Callable[[], None]:
         """Capture what a failed attempt can change; return the function that puts it back."""

@@ -1,5 +1,9 @@
+import os
 import random
+import subprocess
+import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -93,7 +97,7 @@ class SamplesPerStep(Callback):
 
 
 class Tighten(Callback):
-    """Enter a tighter budget before the `at`-th training batch (0-based), as longer sequences later in an epoch would."""
+    """Enter a tighter budget before training batch `at` (0-based), as longer sequences later in an epoch would."""
 
     def __init__(self, at, limit):
         self.at, self.limit, self.seen, self.stack = at, limit, 0, ExitStack()
@@ -356,3 +360,32 @@ def test_batchnorm_warns_once():
         quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[AutoMicroBatchCallback(micro_batch_size=8)]).fit(
             WithBN(), datamodule=DigitsDataModule(batch_size=BATCH, dtype="float64")
         )
+
+
+def test_ddp_oom_on_one_rank_moves_both_ranks_to_the_same_size(tmp_path):
+    from tests.callbacks import ddp_micro_batch as ddp
+
+    root = Path(__file__).resolve().parents[2]
+
+    def run(out, size, limit):
+        out.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        args = [sys.executable, ddp.__file__, str(out), str(size), str(limit)]
+        subprocess.run(args, cwd=root, env=env, timeout=180, check=True, capture_output=True)  # hard timeout: no hang
+        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    peaks = {size: run(tmp_path / f"measure{size}", size, 0)[1]["peak"] for size in (16, 32)}
+    ranks = run(tmp_path / "run", "auto", _between(peaks, 16, 32))
+    assert [r["micro_batch_size"] for r in ranks] == [16, 16]  # rank 1 alone ran out at 64 and 32
+    assert [r["micro"]["failed"]["train"] for r in ranks] == [32, 32]
+    assert ranks[0]["micro"]["oom_retries"] == ranks[1]["micro"]["oom_retries"] == 2
+
+    L.seed_everything(0)
+    reference = WideNet()
+    data = ddp.OrderedDigits(batch_size=2 * ddp.PER_RANK_BATCH, dtype="float64")
+    quiet_trainer(max_epochs=1, limit_train_batches=ddp.BATCHES, limit_val_batches=0).fit(reference, datamodule=data)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name  # identical across ranks
+        assert torch.allclose(ranks[0]["weights"][name], value, rtol=0, atol=1e-9), name  # = single process
