@@ -155,3 +155,25 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
     proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "fit", "model._target_=nope.Nope", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("lowvram: error: model._target_='nope.Nope'")
+
+
+def test_micro_batching_settles_on_a_smaller_size_on_a_shared_small_card(tmp_path, capsys):
+    """A 6 GB card with 3 MB free (shared): batch 1024 does not fit, the callback splits it; the batch stays 1024."""
+    summary = run(
+        _cfg(
+            "gpu=gtx1660_6gb",
+            "gpu.free_gib=0.003",
+            "strategy=micro_batch",
+            "+data.batch_size=1024",
+            "+model.hidden=512",
+            "+model.depth=1",
+            "trainer.limit_train_batches=1",
+            f"trainer.default_root_dir={tmp_path}",
+        )
+    )
+    assert summary["gpu"].startswith("gtx1660_6gb: 5.8 GiB, emulated on cpu (budget 3.07 MiB)")
+    assert summary["effective_batch"] == 1024
+    [line] = summary["strategies"]
+    assert line.startswith("AutoMicroBatchCallback (micro-batch train 256, validate ")
+    assert "failed: train 512" in line
+    assert "micro-batch train 256" in capsys.readouterr().out

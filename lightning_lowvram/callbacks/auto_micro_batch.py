@@ -95,6 +95,7 @@ class AutoMicroBatchCallback(Callback):
         self._originals: dict[str, Any] = {}
         self._zeroed: tuple[int, int] | None = None
         self._warned_bn = False
+        self._ran: set[str] = set()  # kinds that ran through the callback
         self._backprop_done = False
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
@@ -133,8 +134,10 @@ class AutoMicroBatchCallback(Callback):
         self.oom_retries = state_dict["oom_retries"]
 
     def summary(self) -> str:
-        """One line for the `lowvram` summary."""
-        return f"micro-batch {self.micro_batch_size} x {self.micro_batches}, {self.oom_retries} OOM retries"
+        """One line for the `lowvram` summary: the sizes chosen per stage and the retries it took."""
+        chosen = ", ".join(f"{kind} {size or 'whole batch'}" for kind, size in self.sizes.items() if kind in self._ran)
+        failed = f", failed: {', '.join(f'{k} {v}' for k, v in self.failed.items())}" if self.failed else ""
+        return f"micro-batch {chosen or 'not used'}; {self.oom_retries} OOM retries{failed}"
 
     # -- setup --------------------------------------------------------------------------------------------------
     @staticmethod
@@ -185,6 +188,7 @@ class AutoMicroBatchCallback(Callback):
         return getattr(self._module, name).__wrapped__(*args)
 
     def _until_it_fits(self, kind: str, batch: Any, restore: Callable[[], None], run: Callable[[int], Any]) -> Any:
+        self._ran.add(kind)
         n = batch_size_of(batch)
         while True:
             size = self._size(kind, n)
@@ -273,6 +277,7 @@ class AutoMicroBatchCallback(Callback):
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _eval_step(self, stage: str, original: Callable[..., Any], batch: Any, batch_idx: int, *args: Any, **kwargs):
+        self._ran.add(stage)
         n = batch_size_of(batch)
         outputs, done = [], 0
         while done < n:

@@ -39,7 +39,7 @@ class GPUProfile:
         bf16: Whether bf16 mixed precision is supported.
         compute_capability: ``(major, minor)``, or ``None`` for a CPU.
         context_mib: Memory outside the caching allocator (CUDA context, cuBLAS workspaces), in MiB.
-        free_gib: Free memory when the profile was detected (``auto`` only).
+        free_gib: Free memory: detected for ``auto``; set it for a shared card (caps ``usable_bytes``).
 
     Example:
         >>> gpu_profile("rtx3060_12gb").bf16
