@@ -43,7 +43,9 @@ class _BudgetTracker(LiveTensorTracker):
         parts = ", ".join(f"{name} {format_bytes(value)}" for name, value in snap.items())
         free = max(limit - (live - requested), 0)
         return (
-            f"CPU-emulated GPU out of memory. Tried to allocate {format_bytes(requested)}. "
+            # the CUDA wording, so code that recognises a CUDA OOM by its message (Lightning's BatchSizeFinder,
+            # accelerate) reacts to the emulated one as it would on the GPU
+            f"CUDA out of memory (emulated on CPU). Tried to allocate {format_bytes(requested)}. "
             f"Budget{label} has a total capacity of {format_bytes(limit)} of which {format_bytes(free)} is free. "
             f"Live tensors: {parts}. (raised by lightning_lowvram.memory_budget)"
         )

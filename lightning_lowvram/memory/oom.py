@@ -20,7 +20,6 @@ OOM_MESSAGES: tuple[str, ...] = (
     "CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input",
     "DefaultCPUAllocator: can't allocate memory",
     "DefaultCPUAllocator: not enough memory",
-    "CPU-emulated GPU out of memory",
 )
 
 

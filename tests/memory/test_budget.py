@@ -12,7 +12,9 @@ def test_allocations_just_under_the_limit_pass_and_just_over_raise():
     with memory_budget(4000, device="cpu"):
         a = torch.zeros(1000)  # 4000 bytes: exactly the limit
         del a
-        with pytest.raises(torch.OutOfMemoryError, match="out of memory. Tried to allocate 3.91 KiB"):
+        with pytest.raises(
+            torch.OutOfMemoryError, match=r"CUDA out of memory \(emulated on CPU\)\. Tried to allocate 3.91 KiB"
+        ):
             torch.zeros(1001)
 
 
@@ -111,3 +113,11 @@ def test_cuda_budget_caps_the_real_allocator():
             torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
         torch.cuda.empty_cache()
         torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+
+
+def test_peers_that_recognise_a_cuda_oom_by_its_message_recognise_the_emulated_one():
+    from lightning.pytorch.utilities.memory import is_oom_error as lightning_is_oom_error
+
+    with memory_budget(1024, device="cpu"), pytest.raises(torch.OutOfMemoryError) as caught:
+        torch.ones(1024)
+    assert lightning_is_oom_error(caught.value)  # what Lightning's BatchSizeFinder/Tuner catch
