@@ -32,12 +32,18 @@ class AutoMicroBatchCallback(Callback):
     batch (samples, or ``count_fn`` units such as tokens) and back-propagated, so the gradient is the full batch's and
     the effective batch (loader batch x ``accumulate_grad_batches`` x world size) never changes. With ``"auto"`` the
     first attempt is the whole batch; on an out-of-memory error in forward or backward the *same* batch is redone at
-    half the size, after gradients, BatchNorm running statistics and the GradScaler are restored. Sizes that failed
-    are never tried again. Validation, test and predict have their own size: an OOM there continues the batch with
-    the remaining samples at a smaller size and never shrinks the training size.
+    half the size, after gradients, BatchNorm running statistics, torchmetrics states and the GradScaler are put back.
+    Sizes that failed are never tried again. Validation, test and predict have their own size: an OOM there continues
+    the batch with the remaining samples at a smaller size and never shrinks the training size. Under DDP every
+    attempt ends with one all-reduce of an OOM flag, so all ranks retry together and settle on the same size.
 
-    The one trap: values your ``training_step`` logs with ``self.log`` are logged once per micro-batch, so a step's
-    logged value is the last micro-batch's; the loss Lightning records for the step is the full batch's.
+    Every backward runs inside the wrapped ``training_step`` (so a failed attempt leaves no graph in Lightning's
+    closure); the step returns the full batch's loss, detached. Under DDP it carries a zero-valued graph to every
+    parameter, so Lightning's own backward adds nothing and all-reduces the accumulated gradients once.
+
+    Know this: side effects of ``training_step`` other than torchmetrics updates run again when a batch is redone, and
+    values it logs with ``self.log`` are logged per micro-batch (the loss Lightning records is the full batch's).
+    ``torch.compile``d modules work; each new micro-batch size is one more compilation.
 
     Args:
         micro_batch_size: ``"auto"`` (start at the whole batch) or a starting size in samples.

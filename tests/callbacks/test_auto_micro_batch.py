@@ -389,3 +389,46 @@ def test_ddp_oom_on_one_rank_moves_both_ranks_to_the_same_size(tmp_path):
     for name, value in reference.state_dict().items():
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name  # identical across ranks
         assert torch.allclose(ranks[0]["weights"][name], value, rtol=0, atol=1e-9), name  # = single process
+
+
+class CudaNet(L.LightningModule):
+    """Activations of ~8 GiB at batch 32768 (fp16 autocast, 2 GiB per hidden tensor): more than an 8 GB card holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4096, 32768), nn.ReLU(), nn.Linear(32768, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class CudaData(L.LightningDataModule):
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(65536, 4096, generator=g), torch.randint(0, 10, (65536,)))
+        return torch.utils.data.DataLoader(data, batch_size=32768)
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_oom_on_an_emulated_8gb_card_is_recovered_in_16_mixed():
+    """set_per_process_memory_fraction caps the allocator at an RTX 3070's 8 GB: the allocator's own OOM, recovered."""
+
+    def fit(callback, budget):
+        L.seed_everything(0)
+        model = CudaNet()
+        trainer = quiet_trainer(accelerator="cuda", precision="16-mixed", max_steps=2, callbacks=[callback])
+        with ExitStack() as stack:
+            if budget:
+                stack.enter_context(memory_budget("rtx3070_8gb", device="cuda"))
+            trainer.fit(model, datamodule=CudaData())
+        return model
+
+    micro = AutoMicroBatchCallback()
+    model = fit(micro, budget=True)
+    assert micro.oom_retries >= 1 and micro.micro_batch_size < 32768
+    reference = fit(AutoMicroBatchCallback(micro_batch_size=micro.micro_batch_size), budget=False)
+    _assert_same_weights(model, reference, tol=1e-4)  # the same split; cuBLAS may pick other kernels

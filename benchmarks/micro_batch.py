@@ -1,0 +1,205 @@
+"""AutoMicroBatchCallback vs the peers, one run, one table (paste it into benchmarks/RESULTS.md).
+
+(a) steady-state throughput: ours (loader batch 1024 split into 4 micro-batches of 256) vs plain Lightning with the same
+    micro-batch and accumulation set by hand (loader batch 256, ``accumulate_grad_batches=4``);
+(b) settling under the same emulated memory budget (``memory_budget``): ours from ``"auto"`` vs Lightning's
+    ``BatchSizeFinder(mode="binsearch")`` — time to the first real optimizer step, extra steps;
+(c) the effective batch each ends with (the user asked for 1024).
+
+Run: ``python benchmarks/micro_batch.py`` (about a minute on 2 CPU cores; ``--repeats`` for more rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+import warnings
+from contextlib import ExitStack
+from datetime import date
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, memory_budget
+
+BATCH, MICRO, FEATURES, WIDTH, SAMPLES = 1024, 256, 64, 1024, 16384
+
+
+class Net(L.LightningModule):
+    """An MLP whose memory is dominated by activations at these batch sizes: 64 -> 1024 -> 1024 -> 10, SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(FEATURES, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10)
+        )
+        self.optimizer_steps = 0  # counted by the module hook: survives BatchSizeFinder's callback swap
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.optimizer_steps += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Data(L.LightningDataModule):
+    """Generated data (no download); ``batch_size`` is the attribute BatchSizeFinder scales."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        g = torch.Generator().manual_seed(0)
+        self.dataset = TensorDataset(torch.randn(SAMPLES, FEATURES, generator=g), torch.randint(0, 10, (SAMPLES,)))
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True)
+
+
+class Clock(Callback):
+    """perf_counter at the end of every optimizer step (every batch that closes an accumulation window)."""
+
+    def __init__(self) -> None:
+        self.start, self.steps = 0.0, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.steps.append(time.perf_counter())
+
+
+def _trainer(callbacks, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _fit(loader_batch: int, callbacks: list, budget: int | None = None, **kwargs) -> tuple[Net, Data, float]:
+    L.seed_everything(0)
+    model, data = Net(), Data(loader_batch)
+    trainer = _trainer(callbacks, **kwargs)
+    with ExitStack() as stack:
+        if budget is not None:
+            stack.enter_context(memory_budget(budget, device="cpu"))
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+    return model, data, start
+
+
+def throughput(steps: int, warmup: int) -> dict[str, float]:
+    """Samples per second over optimizer steps warmup..steps (same samples per step for both)."""
+    runs = {
+        "ours": lambda c: _fit(BATCH, [AutoMicroBatchCallback(micro_batch_size=MICRO), c], max_steps=steps),
+        "hand": lambda c: _fit(MICRO, [c], max_steps=steps, accumulate_grad_batches=BATCH // MICRO),
+    }
+    rate = {}
+    for name, run in runs.items():
+        clock = Clock()
+        run(clock)
+        rate[name] = (steps - warmup) * BATCH / (clock.steps[-1] - clock.steps[warmup - 1])
+    return rate
+
+
+def peak(micro: int) -> int:
+    report = MemoryReportCallback(stages=["fit"], print_table=False)
+    _fit(BATCH, [AutoMicroBatchCallback(micro_batch_size=micro), report], max_steps=1)
+    return report.reports["fit"].total
+
+
+def settle(budget: int) -> dict[str, dict[str, float]]:
+    """Both start from the user's batch of 1024 under the same budget; time to the first real optimizer step."""
+    clock, micro = Clock(), AutoMicroBatchCallback()
+    model, data, start = _fit(BATCH, [micro, clock], budget=budget, max_steps=1)
+    ours = {
+        "seconds": clock.steps[0] - start,
+        "extra_steps": model.optimizer_steps - 1,
+        "failed_attempts": micro.oom_retries,
+        "effective_batch": data.batch_size,
+        "micro": micro.sizes["train"],
+    }
+    results = {"ours": ours}
+    # as shipped (init_val=2), and started at the user's batch: Lightning 2.6's first trial runs on the loader that
+    # already exists (the user's batch) while it believes it tries init_val, so the defaults can settle on 1
+    for name, init_val in (("binsearch", 2), ("binsearch_init", BATCH)):
+        clock, finder = Clock(), BatchSizeFinder(mode="binsearch", init_val=init_val)
+        model, data, start = _fit(BATCH, [finder, clock], budget=budget, max_steps=1)
+        results[name] = {
+            "seconds": clock.steps[0] - start,
+            "extra_steps": model.optimizer_steps - 1,  # trial steps (the finder restores the weights afterwards)
+            "effective_batch": data.batch_size,
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="throughput rounds (median reported)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per throughput run")
+    args = parser.parse_args()
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(torch.get_num_threads())
+
+    rounds = [throughput(args.steps, warmup=2) for _ in range(args.repeats)]
+    ours = statistics.median(r["ours"] for r in rounds)
+    hand = statistics.median(r["hand"] for r in rounds)
+    peaks = {m: peak(m) for m in (MICRO, 2 * MICRO)}
+    budget = (peaks[MICRO] + peaks[2 * MICRO]) // 2
+    s = settle(budget)
+
+    print(
+        f"# micro_batch benchmark — {date.today()} — {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, lightning {L.__version__}"
+    )
+    print(
+        f"model: MLP {FEATURES}-{WIDTH}-{WIDTH}-10 fp32, SGD; user batch {BATCH}; budget {budget / 2**20:.1f} MiB "
+        f"(between the metered peaks of micro-batch {MICRO} and {2 * MICRO})\n"
+    )
+    o, b, c = s["ours"], s["binsearch"], s["binsearch_init"]
+    print("| measure | ours (AutoMicroBatchCallback) | peer | ratio ours/peer |")
+    print("|---|---|---|---|")
+    print(
+        f"| (a) steady samples/s, micro {MICRO} x {BATCH // MICRO} vs plain Lightning, loader {MICRO} + "
+        f"accumulate_grad_batches={BATCH // MICRO} (median of {args.repeats}) | {ours:.0f} | {hand:.0f} | "
+        f"{ours / hand:.3f} |"
+    )
+    for label, peer in (
+        ("BatchSizeFinder binsearch, defaults", b),
+        (f"BatchSizeFinder binsearch, init_val={BATCH}", c),
+    ):
+        print(
+            f"| (b) seconds to the first real optimizer step under the budget, vs {label} | {o['seconds']:.2f} | "
+            f"{peer['seconds']:.2f} | {o['seconds'] / peer['seconds']:.3f} |"
+        )
+        print(
+            f"| (b) extra optimizer/trial steps before it, vs {label} | {o['extra_steps']} "
+            f"({o['failed_attempts']} OOM attempts redone smaller) | {peer['extra_steps']} | |"
+        )
+        print(
+            f"| (c) effective batch (asked {BATCH}), vs {label} | {o['effective_batch']} (micro-batch {o['micro']}) "
+            f"| {peer['effective_batch']} | |"
+        )
+
+
+if __name__ == "__main__":
+    main()
