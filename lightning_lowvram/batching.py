@@ -29,10 +29,10 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
 
 
 def batch_size_of(batch: Any) -> int:
-    """Number of samples: the first dimension of the first tensor with one.
+    """Number of samples: the first dimension of the first tensor with one, else ``len(batch)``.
 
     Raises:
-        ValueError: If the batch holds no tensor with a batch dimension.
+        ValueError: If the batch holds no tensor with a batch dimension and has no length.
 
     Example:
         >>> batch_size_of({"x": torch.zeros(8, 3), "y": torch.zeros(8)})
@@ -42,8 +42,11 @@ def batch_size_of(batch: Any) -> int:
     for tensor in _tensors(batch):
         if tensor.dim() > 0:
             return int(tensor.shape[0])
+    if hasattr(batch, "__len__") and not isinstance(batch, str | bytes):
+        return len(batch)  # e.g. a user's batch object that a slice_fn knows how to cut
     raise ValueError(
-        f"cannot find the batch size of a {type(batch).__name__}: it holds no tensor with a batch dimension"
+        f"cannot find the batch size of a {type(batch).__name__}: it holds no tensor with a batch dimension and "
+        "has no len()"
     )
 
 

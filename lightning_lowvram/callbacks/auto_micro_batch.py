@@ -154,7 +154,7 @@ class AutoMicroBatchCallback(Callback):
                 "batch in your training_step with lightning_lowvram.batching.split_batch"
             )
         strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
+        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
             raise MisconfigurationException(
                 f"AutoMicroBatchCallback does not support the {strategy}: use strategy='auto' or 'ddp', "
                 "or the strategy's own micro-batching"
@@ -221,13 +221,13 @@ class AutoMicroBatchCallback(Callback):
         self.micro_batch_size, self.micro_batches = min(size, n), len(bounds)
         if len(bounds) > 1:
             self._warn_batchnorm()
-        total = self.count_fn(batch) if self.count_fn else n
+        total = self._count(batch, n)
         accumulate = self._trainer.accumulate_grad_batches
         loss: torch.Tensor | float = 0.0
         for i, (start, end) in enumerate(bounds):
             micro = self.slice_fn(batch, start, end) if self.slice_fn else slice_batch(batch, start, end, n)
             output = original(micro, batch_idx, *args, **kwargs)
-            share = (self.count_fn(micro) if self.count_fn else end - start) / total
+            share = self._count(micro, end - start) / total
             weighted = _loss_of(output) * share
             # every backward runs here, inside the attempt, so an OOM in any of them is retried and a failed attempt
             # leaves no graph behind in Lightning's closure
@@ -244,6 +244,10 @@ class AutoMicroBatchCallback(Callback):
         else:
             self._backprop_done = True  # Lightning's own backward of the returned (detached) loss is skipped
         return _with_loss(output, loss)
+
+    def _count(self, batch: Any, samples: int) -> float:
+        # a Python float: an integer tensor divided by another would give a float32 share (and float32 rounding)
+        return float(self.count_fn(batch)) if self.count_fn else float(samples)
 
     def _backward(self, original: Callable[..., Any], loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self._backprop_done:  # every micro-batch already back-propagated inside training_step

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -432,3 +433,97 @@ def test_a_real_cuda_oom_on_an_emulated_8gb_card_is_recovered_in_16_mixed():
     assert micro.oom_retries >= 1 and micro.micro_batch_size < 32768
     reference = fit(AutoMicroBatchCallback(micro_batch_size=micro.micro_batch_size), budget=False)
     _assert_same_weights(model, reference, tol=1e-4)  # the same split; cuBLAS may pick other kernels
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_are_refused_at_setup(strategy):
+    """FSDP needs CUDA and DeepSpeed its package, so the trainer is a stand-in holding the real strategy class."""
+    import lightning.pytorch.strategies as strategies
+
+    cls = getattr(strategies, strategy)
+    trainer = SimpleNamespace(strategy=cls.__new__(cls))
+    with pytest.raises(MisconfigurationException, match=f"does not support the {strategy}"):
+        AutoMicroBatchCallback().setup(trainer, WideNet(), "fit")
+
+
+class TokenNet(L.LightningModule):
+    """Loss = mean over non-padding tokens (ignore_index): micro-batches hold different token counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16, dtype=torch.float64)
+        self.head = nn.Linear(16, 50, dtype=torch.float64)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.head(self.emb(batch["tokens"]))
+        assert len(batch["names"]) == len(batch["tokens"])  # per-sample strings sliced alongside
+        return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TokenData(L.LightningDataModule):
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 50, (96, 12), generator=g)
+        lengths = torch.randint(1, 13, (96,), generator=g)
+        targets = torch.where(torch.arange(12) < lengths[:, None], tokens.roll(-1, 1), -100)
+        rows = [
+            {"tokens": t, "targets": y, "names": f"doc{i}"}
+            for i, (t, y) in enumerate(zip(tokens, targets, strict=True))
+        ]
+        return torch.utils.data.DataLoader(rows, batch_size=32)
+
+
+def _tokens(batch):
+    return (batch["targets"] != -100).sum()
+
+
+@pytest.mark.parametrize(("count_fn", "equal"), [(_tokens, True), (None, False)])
+def test_count_fn_weights_by_tokens_so_a_token_mean_loss_matches(count_fn, equal):
+    def fit(callbacks):
+        L.seed_everything(0)
+        model = TokenNet()
+        quiet_trainer(max_epochs=2, callbacks=callbacks).fit(model, datamodule=TokenData())
+        return model
+
+    reference = fit([])
+    model = fit([AutoMicroBatchCallback(micro_batch_size=7, count_fn=count_fn)])
+    same = all(
+        torch.allclose(p, q, rtol=0, atol=1e-9) for p, q in zip(model.parameters(), reference.parameters(), strict=True)
+    )
+    assert same is equal  # weighting by samples is wrong for a token mean: the test can tell
+
+
+def test_slice_fn_splits_a_batch_type_the_library_does_not_know():
+    class Packed:  # e.g. a user's packed-sequence object
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+    class PackedNet(WideNet):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch.x, batch.y), batch_idx)
+
+    class PackedData(DigitsDataModule):
+        def train_dataloader(self):
+            def collate(rows):
+                return Packed(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+            return torch.utils.data.DataLoader(self.splits["train"], batch_size=self.batch_size, collate_fn=collate)
+
+    sizes = []
+
+    def slice_fn(batch, start, end):
+        sizes.append(end - start)
+        return Packed(batch.x[start:end], batch.y[start:end])
+
+    L.seed_everything(0)
+    data = PackedData(batch_size=BATCH, dtype="float64")
+    data.setup("fit")
+    micro = AutoMicroBatchCallback(micro_batch_size=50, slice_fn=slice_fn)
+    quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[micro]).fit(PackedNet(), datamodule=data)
+    assert sizes == [50, 50, 28] * 2
