@@ -105,18 +105,33 @@ def _fit(loader_batch: int, callbacks: list, budget: int | None = None, **kwargs
     return model, data, start
 
 
-def throughput(steps: int, warmup: int) -> dict[str, float]:
-    """Samples per second over optimizer steps warmup..steps (same samples per step for both)."""
+def throughput(steps: int, warmup: int, reverse: bool = False) -> dict[str, float]:
+    """Samples per second over optimizer steps warmup..steps (same samples per step for both); ``reverse`` runs the
+    peer first, so alternating rounds cancel any drift of the machine."""
     runs = {
         "ours": lambda c: _fit(BATCH, [AutoMicroBatchCallback(micro_batch_size=MICRO), c], max_steps=steps),
         "hand": lambda c: _fit(MICRO, [c], max_steps=steps, accumulate_grad_batches=BATCH // MICRO),
     }
     rate = {}
-    for name, run in runs.items():
+    for name, run in sorted(runs.items(), reverse=reverse):
         clock = Clock()
         run(clock)
         rate[name] = (steps - warmup) * BATCH / (clock.steps[-1] - clock.steps[warmup - 1])
     return rate
+
+
+def own_time(steps: int) -> tuple[float, float]:
+    """Milliseconds per optimizer step spent in lightning_lowvram's own code (cProfile tottime), and a step's time."""
+    import cProfile
+    import pstats
+
+    profile, clock = cProfile.Profile(), Clock()
+    profile.enable()
+    _fit(BATCH, [AutoMicroBatchCallback(micro_batch_size=MICRO), clock], max_steps=steps)
+    profile.disable()
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    own = sum(row[2] for (file, _, _), row in stats.items() if "lightning_lowvram" in file)
+    return own / steps * 1e3, (clock.steps[-1] - clock.steps[0]) / (steps - 1) * 1e3
 
 
 def peak(micro: int) -> int:
@@ -152,17 +167,20 @@ def settle(budget: int) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="throughput rounds (median reported)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per throughput run")
+    parser.add_argument("--repeats", type=int, default=10, help="throughput rounds (median reported)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per throughput run")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
 
-    rounds = [throughput(args.steps, warmup=2) for _ in range(args.repeats)]
+    rounds = [throughput(args.steps, warmup=3, reverse=i % 2 == 1) for i in range(args.repeats)]
     ours = statistics.median(r["ours"] for r in rounds)
     hand = statistics.median(r["hand"] for r in rounds)
+    ratio = statistics.median(r["ours"] / r["hand"] for r in rounds)  # per round: both ran back to back
+    per_round = ", ".join(f"{r['ours'] / r['hand']:.2f}" for r in rounds)
+    own_ms, step_ms = own_time(args.steps)
     peaks = {m: peak(m) for m in (MICRO, 2 * MICRO)}
     budget = (peaks[MICRO] + peaks[2 * MICRO]) // 2
     s = settle(budget)
@@ -181,7 +199,11 @@ def main() -> None:
     print(
         f"| (a) steady samples/s, micro {MICRO} x {BATCH // MICRO} vs plain Lightning, loader {MICRO} + "
         f"accumulate_grad_batches={BATCH // MICRO} (median of {args.repeats}) | {ours:.0f} | {hand:.0f} | "
-        f"{ours / hand:.3f} |"
+        f"{ratio:.3f} (median of per-round ratios {per_round}) |"
+    )
+    print(
+        f"| (a) time in lightning_lowvram's own code per optimizer step (cProfile, not wall-clock noise) | "
+        f"{own_ms:.2f} ms of a {step_ms:.1f} ms step | | {own_ms / step_ms:.3f} of the step |"
     )
     for label, peer in (
         ("BatchSizeFinder binsearch, defaults", b),
