@@ -1,7 +1,7 @@
 """lightning-lowvram: train and run models that are too big for your GPU, with Lightning."""
 
 from lightning_lowvram.batching import merge_outputs, split_batch
-from lightning_lowvram.callbacks import AutoMicroBatchCallback, MemoryReportCallback
+from lightning_lowvram.callbacks import AutoMicroBatchCallback, MemoryReportCallback, PruningCallback, load_pruned
 from lightning_lowvram.memory import (
     GPUProfile,
     MemoryMeter,
@@ -20,11 +20,13 @@ __all__ = [
     "GPUProfile",
     "MemoryMeter",
     "MemoryReportCallback",
+    "PruningCallback",
     "MemoryStats",
     "format_bytes",
     "gpu_profile",
     "is_oom_error",
     "known_gpus",
+    "load_pruned",
     "memory_budget",
     "merge_outputs",
     "split_batch",

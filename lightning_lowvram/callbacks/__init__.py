@@ -2,5 +2,6 @@
 
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
+from lightning_lowvram.callbacks.pruning import PruningCallback, load_pruned
 
-__all__ = ["AutoMicroBatchCallback", "MemoryReportCallback"]
+__all__ = ["AutoMicroBatchCallback", "MemoryReportCallback", "PruningCallback", "load_pruned"]

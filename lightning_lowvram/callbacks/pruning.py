@@ -1,0 +1,345 @@
+"""PruningCallback: structural pruning that cuts training memory, and masked pruning done without float copies."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_lowvram.pruning import (
+    Criterion,
+    Op,
+    apply_masks,
+    check_criterion,
+    cubic_sparsity,
+    example_from_spec,
+    example_spec,
+    output_layers,
+    prunable_layers,
+    prune_structured,
+    replay_structure,
+    update_masks,
+)
+
+METHODS = ("structured", "unstructured")
+SCHEDULES = ("once", "gradual")
+
+
+class PruningCallback(Callback):
+    """Prune while training: ``structured`` removes neurons/channels/head dimensions, ``unstructured`` masks weights.
+
+    Structured pruning (Torch-Pruning's dependency graph) shrinks parameters, gradients, optimizer state and
+    activations together; after each pruning step the optimizers and LR schedulers are rebuilt (their hyperparameters,
+    such as the scheduled learning rate, are carried over; per-parameter optimizer state such as momentum restarts).
+    Unstructured pruning keeps a ``bool`` mask per pruned weight and zeroes the weights after every optimizer step; it
+    saves *no* training memory (the weights stay dense) and is made permanent when fit ends (the model keeps its
+    zeros and loses the hook; the masks move to host memory, in this callback's state, for a resumed run).
+
+    ``amount`` is the fraction of channels removed from every prunable group (structured) or of weights masked
+    (unstructured). Removing half the channels of a layer whose inputs also halve removes about 3/4 of its weights.
+    The output layer is never pruned.
+
+    The one trap: the model needs example inputs to trace its structure: ``self.example_input_array`` on the module,
+    or else the first element of the first training batch.
+
+    Args:
+        amount: Final fraction in [0, 1).
+        method: ``"structured"`` or ``"unstructured"``.
+        criterion: ``"magnitude"`` (L2 of the group for structured, ``|w|`` for unstructured) or ``"random"``.
+        schedule: ``"once"`` (before the optimizer exists), ``"gradual"`` (cubic, Zhu & Gupta 2017, from
+            ``start_step`` to ``end_step`` every ``frequency`` optimizer steps) or a callable ``step -> fraction``
+            evaluated after every optimizer step.
+        start_step: First optimizer step of the gradual schedule.
+        end_step: Last one; ``None``: half of the run's optimizer steps.
+        frequency: Optimizer steps between pruning steps; ``None``: ten pruning steps in all.
+        scope: ``"layer"`` (the same fraction in every layer) or ``"global"`` (ranked across layers).
+        ignore: fnmatch patterns of layer names never to prune (e.g. ``"blocks.0.*"``).
+        seed: Seed of the ``random`` criterion.
+
+    Raises:
+        ValueError: For arguments out of range; at setup, for ``ignore`` patterns that match nothing or a model with
+            nothing left to prune.
+
+    Example:
+        >>> from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
+        >>> model = DigitsMLP(hidden=32)
+        >>> trainer = L.Trainer(max_steps=2, callbacks=[PruningCallback(0.5, schedule="once")], logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> model.net[0].out_features
+        16
+
+    """
+
+    def __init__(
+        self,
+        amount: float = 0.5,
+        method: Literal["structured", "unstructured"] = "structured",
+        criterion: Criterion = "magnitude",
+        schedule: Literal["once", "gradual"] | Callable[[int], float] = "gradual",
+        start_step: int = 0,
+        end_step: int | None = None,
+        frequency: int | None = None,
+        scope: Literal["layer", "global"] = "layer",
+        ignore: Sequence[str] = (),
+        seed: int = 0,
+    ) -> None:
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0.0 <= amount < 1.0:
+            raise ValueError(f"amount must be a number in [0, 1), got {amount!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        check_criterion(criterion)
+        if not callable(schedule) and schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule must be one of {', '.join(map(repr, SCHEDULES))} or a callable, got {schedule!r}"
+            )
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if (
+            start_step < 0
+            or (end_step is not None and end_step <= start_step)
+            or (frequency is not None and frequency < 1)
+        ):
+            raise ValueError(
+                f"need 0 <= start_step < end_step and frequency >= 1, got start_step={start_step}, "
+                f"end_step={end_step}, frequency={frequency}"
+            )
+        if isinstance(ignore, str):
+            ignore = [ignore]
+        self.amount, self.method, self.criterion, self.schedule = float(amount), method, criterion, schedule
+        self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
+        self.scope, self.ignore, self.seed = scope, list(ignore), seed
+        # state (see state_dict): what has been pruned so far
+        self.fraction = 0.0
+        self.ops: list[Op] = []  # structured record, each op tagged with its "event" (optimizer step; -1: setup)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.events: list[int] = []
+        self.spec: Any = None
+        self.original_parameters = 0
+        self._layers: dict[str, nn.Module] = {}
+        self._hooks: list[Any] = []
+        self._wrapped: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(amount=self.amount, method=self.method, criterion=self.criterion)
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        inputs = _example_inputs(trainer, pl_module)
+        self.spec = example_spec(inputs)
+        self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs))
+        self.original_parameters = self.original_parameters or _count(pl_module)
+        self._wrap_on_load_checkpoint(pl_module)
+        if self.schedule == "once" and -1 not in self.events:
+            self._prune(trainer, pl_module, self.amount, event=-1)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule == "gradual" and self.end_step is None:
+            total = trainer.estimated_stepping_batches
+            if total == float("inf"):
+                raise MisconfigurationException("PruningCallback(schedule='gradual') needs end_step= or max_steps")
+            self.end_step = max(self.start_step + 1, self.start_step + int(total - self.start_step) // 2)
+        if self.frequency is None and self.end_step is not None:
+            self.frequency = max(1, (self.end_step - self.start_step) // 10)
+        self.masks = {name: mask.to(pl_module.device) for name, mask in self.masks.items()}
+        self._hook_optimizers(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int):
+        step = trainer.global_step
+        if self.schedule == "once" or step in self.events:
+            return
+        target = self._target(step)
+        if target > self.fraction + 1e-9:
+            self._prune(trainer, pl_module, target, event=step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for key, value in self.metrics(pl_module).items():
+            pl_module.log(f"lowvram/pruning/{key}", float(value), on_step=False, on_epoch=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.masks:  # permanent: the zeros stay in the weights, the hooks go; the masks leave the device but
+            apply_masks(self._layers, self.masks)  # stay in this callback's state, so a later fit can resume
+            self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
+        self._remove_hooks()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        if self._wrapped is not None:
+            pl_module.__dict__.pop("on_load_checkpoint", None)
+            self._wrapped = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fraction": self.fraction,
+            "ops": self.ops,
+            "masks": {name: mask.cpu() for name, mask in self.masks.items()},
+            "events": self.events,
+            "spec": self.spec,
+            "original_parameters": self.original_parameters,
+            "end_step": self.end_step,  # resolved at the first fit: a resumed run keeps the same schedule
+            "frequency": self.frequency,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.fraction, self.ops, self.masks = state_dict["fraction"], list(state_dict["ops"]), state_dict["masks"]
+        self.events, self.spec = list(state_dict["events"]), state_dict["spec"]
+        self.original_parameters = state_dict["original_parameters"]
+        self.end_step, self.frequency = state_dict["end_step"], state_dict["frequency"]
+
+    def metrics(self, pl_module: nn.Module) -> dict[str, float]:
+        """Sparsity (fraction of parameters removed, or of the masked weights zeroed), parameter count and bytes."""
+        params = list(pl_module.parameters())
+        count = sum(p.numel() for p in params)
+        if self.method == "structured":
+            sparsity = 1.0 - count / max(self.original_parameters, 1)
+        else:
+            weights = [layer.weight for layer in self._layers.values()]
+            sparsity = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
+        return {"sparsity": sparsity, "parameters": count, "parameter_bytes": sum(p.nbytes for p in params)}
+
+    def summary(self) -> str:
+        """One line for the `lowvram` summary."""
+        return f"{self.method} {self.criterion}, {self.fraction:.2f} pruned, {len(self.events)} pruning steps"
+
+    # -- pruning ------------------------------------------------------------------------------------------------
+    def _target(self, step: int) -> float:
+        if callable(self.schedule):
+            value = float(self.schedule(step))
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"schedule({step}) returned {value!r}; fractions must be in [0, 1)")
+            return value
+        assert self.end_step is not None and self.frequency is not None
+        return cubic_sparsity(step, self.amount, self.start_step, self.end_step, self.frequency)
+
+    def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule, target: float, event: int) -> None:
+        if self.method == "structured":
+            relative = 1.0 - (1.0 - target) / (1.0 - self.fraction)
+            inputs = example_from_spec(self.spec, pl_module.device)
+            ops = prune_structured(
+                pl_module,
+                relative,
+                inputs,
+                criterion=self.criterion,
+                ignore=self.ignore,
+                global_pruning=self.scope == "global",
+                seed=self.seed + len(self.events),
+            )
+            self.ops += [{**op, "event": event} for op in ops]
+            self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs))
+            if trainer.optimizers:  # after setup: the optimizers hold the replaced parameters
+                _rebuild_optimizers(trainer)
+                self._hook_optimizers(trainer)
+        else:
+            generator = torch.Generator().manual_seed(self.seed + len(self.events))
+            scope = "global" if self.scope == "global" else "layer"
+            self.masks = update_masks(
+                self._layers, target, self.masks, criterion=self.criterion, scope=scope, generator=generator
+            )
+            apply_masks(self._layers, self.masks)
+        self.fraction = target
+        self.events.append(event)
+        stats = self.metrics(pl_module)
+        rank_zero_info(
+            f"PruningCallback: {self.method} {target:.3f} at step {max(event, 0)}: "
+            f"{stats['parameters']:,} parameters, sparsity {stats['sparsity']:.3f}"
+        )
+
+    def _hook_optimizers(self, trainer: L.Trainer) -> None:
+        self._remove_hooks()
+        if self.method != "unstructured":
+            return
+
+        def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            apply_masks(self._layers, self.masks)
+
+        self._hooks = [opt.register_step_post_hook(after_step) for opt in trainer.optimizers]
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _wrap_on_load_checkpoint(self, pl_module: L.LightningModule) -> None:
+        """Resuming: re-shape the module from the checkpoint's record before Lightning loads its weights."""
+        if self._wrapped is not None:
+            return
+        original = pl_module.on_load_checkpoint
+
+        @functools.wraps(original)
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            state = checkpoint.get("callbacks", {}).get(self.state_key)
+            if state:
+                ops = [op for op in state["ops"] if op["event"] not in self.events]  # not already done in setup
+                replay_structure(pl_module, ops, example_from_spec(state["spec"], pl_module.device))
+            original(checkpoint)
+
+        pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
+        self._wrapped = original
+
+
+def load_pruned(module: nn.Module, checkpoint_path: str | Path) -> nn.Module:
+    """Rebuild the pruned shapes on a fresh ``module`` from a checkpoint written while PruningCallback ran; load it.
+
+    The checkpoint is read with ``torch.load(weights_only=True)``: it holds tensors and plain data, no pickled
+    module. Masks of an unfinished unstructured run are applied.
+
+    Example:
+        >>> # model = load_pruned(DigitsMLP(hidden=128), "last.ckpt")
+
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PruningCallback")]
+    for state in states:
+        replay_structure(module, state["ops"], example_from_spec(state["spec"]))
+    module.load_state_dict(checkpoint["state_dict"])
+    layers = dict(module.named_modules())
+    for state in states:
+        apply_masks({name: layers[name] for name in state["masks"]}, state["masks"])
+    return module
+
+
+def _rebuild_optimizers(trainer: L.Trainer) -> None:
+    """New optimizers/schedulers for the new parameters; learning rates and schedule positions carried over."""
+    groups = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trainer.optimizers]
+    schedulers = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+    strategy = trainer.strategy
+    if trainer.world_size > 1 and hasattr(strategy, "_setup_model"):
+        strategy.model = strategy._setup_model(strategy.lightning_module)  # DDP: wrap the new parameters
+    strategy.setup_optimizers(trainer)
+    for opt, old in zip(trainer.optimizers, groups, strict=True):
+        for group, hyper in zip(opt.param_groups, old, strict=True):
+            group.update(hyper)
+    for config, state in zip(trainer.lr_scheduler_configs, schedulers, strict=True):
+        config.scheduler.load_state_dict(state)
+
+
+def _example_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+    if pl_module.example_input_array is not None:
+        return pl_module.example_input_array
+    batch = None
+    source = trainer.fit_loop._data_source
+    if source.is_defined():
+        loader = source.dataloader()
+        batch = next(iter(loader), None) if isinstance(loader, torch.utils.data.DataLoader) else None
+    first = batch[0] if isinstance(batch, list | tuple) and batch else batch
+    if not isinstance(first, torch.Tensor):
+        raise MisconfigurationException(
+            "PruningCallback needs example inputs to trace the model's structure: set `self.example_input_array` "
+            "in your LightningModule (the first element of a training batch is used when it is a tensor)"
+        )
+    return first[:2].to(pl_module.device)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
