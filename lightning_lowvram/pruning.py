@@ -95,12 +95,14 @@ def prune_structured(
     ignore: Sequence[str] = (),
     global_pruning: bool = False,
     seed: int = 0,
+    ratios: Mapping[str, float] | None = None,
 ) -> list[Op]:
     """Remove ``amount`` of the channels (neurons, head dimensions) of every prunable group, physically.
 
     The output layer keeps its outputs; attention blocks with a fused ``qkv`` Linear and an ``n_head`` /
     ``num_heads`` attribute keep their head count (head dimensions shrink), and ``nn.MultiheadAttention`` is handled
-    by Torch-Pruning. Parameters are replaced: an optimizer built before must be rebuilt.
+    by Torch-Pruning. Parameters are replaced: an optimizer built before must be rebuilt. ``ratios`` (layer name ->
+    fraction of its current channels) overrides ``amount`` per layer (local pruning only).
 
     Returns:
         The pruning record (plain data) to replay with :func:`replay_structure`.
@@ -134,6 +136,7 @@ def prune_structured(
             pruning_ratio=amount,
             global_pruning=global_pruning,
             ignored_layers=ignored,
+            pruning_ratio_dict=None if global_pruning or not ratios else {layers[n]: r for n, r in ratios.items()},
             num_heads=heads,
             prune_head_dims=True,
             prune_num_heads=False,
@@ -172,6 +175,33 @@ def _keep_modes(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def channels(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every Linear/Conv layer, by name."""
+    return {
+        name: m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        for name, m in model.named_modules()
+        if isinstance(m, PRUNABLE)
+    }
+
+
+def keep_ratios(original: Mapping[str, int], current: Mapping[str, int], fraction: float) -> dict[str, float]:
+    """Per-layer ratios of the *current* channels to remove so that ``round(original x (1 - fraction))`` remain.
+
+    Torch-Pruning keeps ``int(current x (1 - ratio))``: aiming at the kept count plus one half makes that exact, so
+    pruning in several steps ends where one step would.
+
+    Example:
+        >>> keep_ratios({"a": 64}, {"a": 45}, 0.5)
+        {'a': 0.2777777777777778}
+
+    """
+    ratios = {}
+    for name, now in current.items():
+        keep = round(original[name] * (1.0 - fraction))
+        ratios[name] = min(max(1.0 - (keep + 0.5) / now, 0.0), 0.999) if now else 0.0
+    return ratios
 
 
 def _heads(module: nn.Module) -> int | None:

@@ -18,10 +18,12 @@ from lightning_lowvram.pruning import (
     Criterion,
     Op,
     apply_masks,
+    channels,
     check_criterion,
     cubic_sparsity,
     example_from_spec,
     example_spec,
+    keep_ratios,
     output_layers,
     prunable_layers,
     prune_structured,
@@ -124,6 +126,7 @@ class PruningCallback(Callback):
         self.events: list[int] = []
         self.spec: Any = None
         self.original_parameters = 0
+        self.original_channels: dict[str, int] = {}
         self._layers: dict[str, nn.Module] = {}
         self._hooks: list[Any] = []
         self._wrapped: Any = None
@@ -140,6 +143,7 @@ class PruningCallback(Callback):
         self.spec = example_spec(inputs)
         self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs))
         self.original_parameters = self.original_parameters or _count(pl_module)
+        self.original_channels = self.original_channels or channels(pl_module)
         self._wrap_on_load_checkpoint(pl_module)
         if self.schedule == "once" and -1 not in self.events:
             self._prune(trainer, pl_module, self.amount, event=-1)
@@ -187,6 +191,7 @@ class PruningCallback(Callback):
             "events": self.events,
             "spec": self.spec,
             "original_parameters": self.original_parameters,
+            "original_channels": self.original_channels,
             "end_step": self.end_step,  # resolved at the first fit: a resumed run keeps the same schedule
             "frequency": self.frequency,
         }
@@ -195,6 +200,7 @@ class PruningCallback(Callback):
         self.fraction, self.ops, self.masks = state_dict["fraction"], list(state_dict["ops"]), state_dict["masks"]
         self.events, self.spec = list(state_dict["events"]), state_dict["spec"]
         self.original_parameters = state_dict["original_parameters"]
+        self.original_channels = state_dict["original_channels"]
         self.end_step, self.frequency = state_dict["end_step"], state_dict["frequency"]
 
     def metrics(self, pl_module: nn.Module) -> dict[str, float]:
@@ -226,6 +232,7 @@ class PruningCallback(Callback):
         if self.method == "structured":
             relative = 1.0 - (1.0 - target) / (1.0 - self.fraction)
             inputs = example_from_spec(self.spec, pl_module.device)
+            now = channels(pl_module)
             ops = prune_structured(
                 pl_module,
                 relative,
@@ -234,6 +241,11 @@ class PruningCallback(Callback):
                 ignore=self.ignore,
                 global_pruning=self.scope == "global",
                 seed=self.seed + len(self.events),
+                ratios={
+                    name: r
+                    for name, r in keep_ratios(self.original_channels, now, target).items()
+                    if name in self._layers
+                },
             )
             self.ops += [{**op, "event": event} for op in ops]
             self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs))
