@@ -1,9 +1,5 @@
-import os
 import random
-import subprocess
-import sys
 from contextlib import ExitStack
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -19,6 +15,7 @@ from torch import nn
 from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, memory_budget
 from lightning_lowvram.demo import DigitsDataModule
 from tests.callbacks.test_memory_report import RecordingLogger
+from tests.ddp import run_ddp
 from tests.helpers import quiet_trainer
 
 BATCH = 128
@@ -366,16 +363,8 @@ def test_batchnorm_warns_once():
 def test_ddp_oom_on_one_rank_moves_both_ranks_to_the_same_size(tmp_path):
     from tests.callbacks import ddp_micro_batch as ddp
 
-    root = Path(__file__).resolve().parents[2]
-
     def run(out, size, limit):
-        out.mkdir()
-        env = {**os.environ, "PYTHONPATH": str(root)}
-        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
-        args = [sys.executable, ddp.__file__, str(out), str(size), str(limit)]
-        subprocess.run(args, cwd=root, env=env, timeout=180, check=True, capture_output=True)  # hard timeout: no hang
-        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        return run_ddp(ddp.__file__, out, size, limit)
 
     peaks = {size: run(tmp_path / f"measure{size}", size, 0)[1]["peak"] for size in (16, 32)}
     ranks = run(tmp_path / "run", "auto", _between(peaks, 16, 32))

@@ -9,6 +9,7 @@ from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, Prun
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP, TinyGPT, TinyTextDataModule
 from lightning_lowvram.pruning import state_bytes
 from tests.callbacks.test_memory_report import RecordingLogger
+from tests.ddp import run_ddp
 from tests.helpers import quiet_trainer
 
 
@@ -236,3 +237,19 @@ def test_a_batch_without_tensor_inputs_asks_for_example_input_array():
 
     with pytest.raises(MisconfigurationException, match="example_input_array"):
         _fit(DigitsMLP(hidden=32), DictData(), [PruningCallback()])
+
+
+@pytest.mark.parametrize("method", ["structured", "unstructured"])
+def test_ddp_ranks_end_with_identical_shapes_masks_and_weights(method, tmp_path):
+    from tests.callbacks import ddp_pruning
+
+    ranks = run_ddp(ddp_pruning.__file__, tmp_path / "out", method)
+    assert ranks[0]["events"] == ranks[1]["events"] == [2, 4, 6]
+    for name, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][name]), name
+    assert ranks[0]["masks"].keys() == ranks[1]["masks"].keys()
+    assert all(torch.equal(m, ranks[1]["masks"][n]) for n, m in ranks[0]["masks"].items())
+    if method == "structured":
+        assert ranks[0]["weights"]["net.0.weight"].shape == (32, 64)
+    else:
+        assert len(ranks[0]["masks"]) == 2
