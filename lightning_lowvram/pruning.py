@@ -22,7 +22,8 @@ from torch import nn
 
 Criterion = Literal["magnitude", "random"]
 CRITERIA: tuple[str, ...] = ("magnitude", "random")
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # masked pruning: their weights
+ROOTS = (*PRUNABLE, nn.Embedding, nn.MultiheadAttention)  # structural pruning: their output channels / widths
 Op = dict[str, Any]  # {"module": name, "fn": "prune_out_channels" | "prune_in_channels" | ..., "idxs": [int, ...]}
 
 
@@ -61,18 +62,21 @@ def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
 
 
 def prunable_layers(
-    model: nn.Module, ignore: Sequence[str] = (), protected: Iterable[str] = ()
+    model: nn.Module,
+    ignore: Sequence[str] = (),
+    protected: Iterable[str] = (),
+    types: tuple[type[nn.Module], ...] = PRUNABLE,
 ) -> dict[str, nn.Module]:
-    """Linear/Conv layers by name, minus ``protected`` and those matching an ``ignore`` pattern (fnmatch).
+    """Layers of ``types`` (Linear/Conv) by name, minus ``protected`` and those matching an ``ignore`` pattern.
 
     Raises:
-        ValueError: If an ``ignore`` pattern matches no layer, or nothing is left to prune.
+        ValueError: If an ``ignore`` pattern (fnmatch) matches no layer, or nothing is left to prune.
 
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, types)}
     for pattern in ignore:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
-            raise ValueError(f"ignore pattern {pattern!r} matches no Linear/Conv layer; layers: {', '.join(layers)}")
+            raise ValueError(f"ignore pattern {pattern!r} matches no prunable layer; layers: {', '.join(layers)}")
     kept = {
         name: m
         for name, m in layers.items()
@@ -80,7 +84,7 @@ def prunable_layers(
     }
     if not kept:
         raise ValueError(
-            f"nothing to prune: every Linear/Conv layer is the output layer or ignored ({', '.join(layers) or 'none'})"
+            f"nothing to prune: every prunable layer is the output layer or ignored ({', '.join(layers) or 'none'})"
         )
     return kept
 
@@ -122,11 +126,11 @@ def prune_structured(
     if amount == 0.0:
         return []
     protected = output_layers(model, example_inputs)
-    layers = prunable_layers(model, ignore, protected)
+    layers = prunable_layers(model, ignore, protected, ROOTS)
     importance = tp.importance.RandomImportance() if criterion == "random" else tp.importance.GroupMagnitudeImportance()
     heads = {m.qkv: _heads(m) for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and _heads(m)}
     names = {m: n for n, m in model.named_modules()}
-    ignored = [m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in layers]
+    ignored = [m for n, m in model.named_modules() if isinstance(m, ROOTS) and n not in layers]
     with torch.random.fork_rng(devices=[]), _keep_modes(model):
         torch.manual_seed(seed)
         pruner = tp.pruner.MetaPruner(
@@ -136,6 +140,7 @@ def prune_structured(
             pruning_ratio=amount,
             global_pruning=global_pruning,
             ignored_layers=ignored,
+            root_module_types=list(ROOTS),
             pruning_ratio_dict=None if global_pruning or not ratios else {layers[n]: r for n, r in ratios.items()},
             num_heads=heads,
             prune_head_dims=True,
@@ -178,11 +183,12 @@ def _keep_modes(model: nn.Module) -> Iterator[None]:
 
 
 def channels(model: nn.Module) -> dict[str, int]:
-    """Output channels (features) of every Linear/Conv layer, by name."""
+    """Output channels (features, embedding width) of every layer structural pruning starts from, by name."""
+    widths = {nn.Linear: "out_features", nn.Embedding: "embedding_dim", nn.MultiheadAttention: "embed_dim"}
     return {
-        name: m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        name: getattr(m, next((a for t, a in widths.items() if isinstance(m, t)), "out_channels"))
         for name, m in model.named_modules()
-        if isinstance(m, PRUNABLE)
+        if isinstance(m, ROOTS)
     }
 
 

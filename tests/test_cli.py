@@ -181,7 +181,9 @@ def test_micro_batching_settles_on_a_smaller_size_on_a_shared_small_card(tmp_pat
 
 def test_prune_strategy_from_the_command_line(tmp_path):
     summary = run(
-        _cfg("strategy=prune", "strategy.pruning.amount=0.3", "+model.hidden=64", f"trainer.default_root_dir={tmp_path}")
+        _cfg(
+            "strategy=prune", "strategy.pruning.amount=0.3", "+model.hidden=64", f"trainer.default_root_dir={tmp_path}"
+        )
     )
     [line] = summary["strategies"]
     assert line.startswith("PruningCallback (structured magnitude, 0.30 pruned")

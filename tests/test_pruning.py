@@ -53,7 +53,7 @@ def test_output_layer_and_ignore_patterns():
     model, x = _mlp(), torch.randn(1, 8)
     assert output_layers(model, x) == ["4"]
     assert list(prunable_layers(model, ignore=["2"], protected=["4"])) == ["0"]
-    with pytest.raises(ValueError, match="ignore pattern 'blocks.*' matches no Linear/Conv layer"):
+    with pytest.raises(ValueError, match="ignore pattern 'blocks.*' matches no prunable layer"):
         prunable_layers(model, ignore=["blocks.*"])
     with pytest.raises(ValueError, match="nothing to prune"):
         prunable_layers(model, ignore=["*"])
@@ -85,3 +85,51 @@ def test_cubic_schedule_is_zhu_and_gupta():
     assert all(a <= b for a, b in zip(values, values[1:], strict=False))
     assert cubic_sparsity(60, 0.8, 10, 110, 10) == pytest.approx(0.8 * (1 - 0.5**3))
     assert cubic_sparsity(65, 0.8, 10, 110, 10) == cubic_sparsity(60, 0.8, 10, 110, 10)  # held between steps
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class MHANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.attn = nn.MultiheadAttention(32, num_heads=4, batch_first=True)
+        self.norm = nn.LayerNorm(32)
+        self.out = nn.Linear(32, 50)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        return self.out(self.norm(x + self.attn(x, x, x, need_weights=False)[0]))
+
+
+@pytest.mark.parametrize(
+    ("make", "example"),
+    [(ConvNet, lambda: torch.randn(2, 1, 8, 8)), (MHANet, lambda: torch.randint(0, 50, (2, 6)))],
+    ids=["conv_batchnorm", "multihead_attention"],
+)
+def test_conv_batchnorm_and_multihead_attention_shrink_and_replay(make, example):
+    torch.manual_seed(0)
+    model, x = make(), example()
+    before = sum(p.numel() for p in model.parameters())
+    ops = prune_structured(model, 0.5, x)
+    assert sum(p.numel() for p in model.parameters()) < 0.6 * before
+    fresh = make()
+    replay_structure(fresh, ops, x)
+    fresh.load_state_dict(model.state_dict())
+    model.eval(), fresh.eval()
+    assert torch.equal(fresh(x), model(x))
+    if isinstance(model, MHANet):
+        attn = model.attn
+        assert attn.embed_dim == attn.in_proj_weight.shape[1] and attn.embed_dim % attn.num_heads == 0
+    else:
+        assert model.features[1].num_features == model.features[0].out_channels == 8

@@ -15,6 +15,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_lowvram.pruning import (
+    PRUNABLE,
+    ROOTS,
     Criterion,
     Op,
     apply_masks,
@@ -141,7 +143,7 @@ class PruningCallback(Callback):
             return
         inputs = _example_inputs(trainer, pl_module)
         self.spec = example_spec(inputs)
-        self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs))
+        self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs), self._types)
         self.original_parameters = self.original_parameters or _count(pl_module)
         self.original_channels = self.original_channels or channels(pl_module)
         self._wrap_on_load_checkpoint(pl_module)
@@ -219,6 +221,10 @@ class PruningCallback(Callback):
         return f"{self.method} {self.criterion}, {self.fraction:.2f} pruned, {len(self.events)} pruning steps"
 
     # -- pruning ------------------------------------------------------------------------------------------------
+    @property
+    def _types(self) -> tuple[type[nn.Module], ...]:
+        return ROOTS if self.method == "structured" else PRUNABLE
+
     def _target(self, step: int) -> float:
         if callable(self.schedule):
             value = float(self.schedule(step))
@@ -248,7 +254,7 @@ class PruningCallback(Callback):
                 },
             )
             self.ops += [{**op, "event": event} for op in ops]
-            self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs))
+            self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs), self._types)
             if trainer.optimizers:  # after setup: the optimizers hold the replaced parameters
                 _rebuild_optimizers(trainer)
                 self._hook_optimizers(trainer)
