@@ -273,7 +273,7 @@ def update_masks(
 def apply_masks(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the pruned weights in place."""
     for name, mask in masks.items():
-        layers[name].weight.masked_fill_(~mask, 0)
+        layers[name].weight.mul_(mask)  # in place, no temporary (``masked_fill_(~mask)`` would allocate one)
 
 
 # -- schedules ----------------------------------------------------------------------------------------------------
