@@ -1,7 +1,14 @@
 """lightning-lowvram: train and run models that are too big for your GPU, with Lightning."""
 
 from lightning_lowvram.batching import merge_outputs, split_batch
-from lightning_lowvram.callbacks import AutoMicroBatchCallback, MemoryReportCallback, PruningCallback, load_pruned
+from lightning_lowvram.callbacks import (
+    AutoMicroBatchCallback,
+    DynamicQuantCallback,
+    MemoryReportCallback,
+    PruningCallback,
+    load_pruned,
+    load_quantized,
+)
 from lightning_lowvram.memory import (
     GPUProfile,
     MemoryMeter,
@@ -17,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoMicroBatchCallback",
+    "DynamicQuantCallback",
     "GPUProfile",
     "MemoryMeter",
     "MemoryReportCallback",
@@ -27,6 +35,7 @@ __all__ = [
     "is_oom_error",
     "known_gpus",
     "load_pruned",
+    "load_quantized",
     "memory_budget",
     "merge_outputs",
     "split_batch",

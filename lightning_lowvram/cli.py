@@ -134,9 +134,13 @@ def _summary(cfg: DictConfig, parts: dict[str, Any], gpu_line: str, metrics: dic
     accumulate, world = trainer.accumulate_grad_batches, trainer.world_size
     effective = loader_batch * accumulate * world if loader_batch else None
     strategy_lines: list[str] = []
+    details: list[str] = []  # multi-line summaries (tables) of strategy callbacks
     for name, callback in parts["callbacks"].items():
         if name.startswith("strategy."):
             extra = callback.summary() if hasattr(callback, "summary") else ""
+            if "\n" in extra:
+                details.append(extra)
+                extra = ""
             strategy_lines.append(f"{type(callback).__name__}{f' ({extra})' if extra else ''}")
     reports = next((c.reports for c in parts["callbacks"].values() if isinstance(c, MemoryReportCallback)), {})
     return {
@@ -146,6 +150,7 @@ def _summary(cfg: DictConfig, parts: dict[str, Any], gpu_line: str, metrics: dic
         "effective_batch": effective,
         "effective_batch_formula": f"{loader_batch} per batch x {accumulate} accumulation x {world} device(s)",
         "strategies": strategy_lines or ["none"],
+        "details": details,
         "metrics": dict(sorted(metrics.items())),
         "memory": reports,
     }
@@ -161,6 +166,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  strategies       {', '.join(summary['strategies'])}",
         "  metrics          " + ", ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items()),
     ]
+    for detail in summary.get("details", []):
+        lines += ["  " + line for line in detail.splitlines()]
     if summary["memory"]:
         lines += ["  peak memory by stage and category:"]
         lines += ["    " + line for line in memory_table(summary["memory"]).splitlines()]

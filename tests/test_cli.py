@@ -188,3 +188,11 @@ def test_prune_strategy_from_the_command_line(tmp_path):
     [line] = summary["strategies"]
     assert line.startswith("PruningCallback (structured magnitude, 0.30 pruned")
     assert summary["metrics"]["lowvram/pruning/sparsity"] > 0.3
+
+
+def test_quant_strategy_prints_the_float_vs_int8_table(tmp_path, capsys):
+    summary = run(_cfg("strategy=quant", f"trainer.default_root_dir={tmp_path}"))
+    assert summary["strategies"] == ["DynamicQuantCallback"]
+    out = capsys.readouterr().out
+    summary_text = out[out.index("lowvram summary") :]
+    assert "float vs int8 (test)" in summary_text and "test/acc" in summary_text and "linear_bytes" in summary_text

@@ -1,0 +1,278 @@
+"""DynamicQuantCallback: int8 Linear layers for evaluation, compared with the float model; int8 frozen bases."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torchmetrics import Metric
+
+from lightning_lowvram.batching import batch_size_of
+from lightning_lowvram.quantization import (
+    BACKENDS,
+    choose_backend,
+    gradient_check,
+    is_linear,
+    linear_bytes,
+    module_bytes,
+    quantize_dynamic_int8,
+)
+
+STAGES = {"validate": ("validation_step", "val_dataloaders"), "test": ("test_step", "test_dataloaders")}
+STAGES_ALL = (*STAGES, "predict")
+
+
+class DynamicQuantCallback(Callback):
+    """Run the chosen stages on int8 copies of the Linear layers; report what int8 costs on the module's own metrics.
+
+    For each stage in ``stages`` the Linear layers are swapped for int8 copies (dynamic: int8 weights, activations
+    quantized per batch) while the stage runs and swapped back after it: the float layers are never modified, so
+    training and checkpoints keep the float model. With ``compare=True`` (validate/test) the same data then runs
+    through the float and the int8 model: every value the module logs (its torchmetrics included), the bytes of the
+    model and of its Linear layers, and the latency per batch, as one table to the loggers and the console.
+
+    ``freeze_base=True`` turns every frozen Linear layer (``requires_grad=False``) into int8 weight-only *before*
+    training, in place, for QLoRA-style adapter training; a self-test at setup checks that gradients flow through
+    the quantized layers as through the float ones, and backends that cut autograd are refused.
+
+    The one trap: dynamic int8 backends cut autograd, so they are for evaluation only; ``torch_ao`` (the CPU default)
+    runs on CPU only.
+
+    Args:
+        stages: Stages run in int8: any of ``"validate"``, ``"test"``, ``"predict"``.
+        compare: Run float and int8 side by side after each validate/test stage.
+        backend: ``"auto"`` (the fastest int8 path on the device) or one of
+            :data:`lightning_lowvram.quantization.BACKENDS`.
+        save_path: Where to write the int8 weights and the recipe after a quantized stage
+            (load with :func:`load_quantized`).
+        freeze_base: Quantize frozen Linear layers (int8 weight-only) before fit.
+        print_table: Print the comparison table.
+
+    Example:
+        >>> from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
+        >>> quant = DynamicQuantCallback(print_table=False)
+        >>> trainer = L.Trainer(callbacks=[quant], logger=False, enable_progress_bar=False)
+        >>> _ = trainer.test(DigitsMLP(hidden=32), DigitsDataModule(), verbose=False)
+        >>> sorted(quant.comparison["test"])[:3]
+        ['latency_ms', 'linear_bytes', 'model_bytes']
+
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[str] = ("test", "predict"),
+        compare: bool = True,
+        backend: str = "auto",
+        save_path: str | None = None,
+        freeze_base: bool = False,
+        print_table: bool = True,
+    ) -> None:
+        stages = [stages] if isinstance(stages, str) else list(stages)
+        unknown = [s for s in stages if s not in STAGES_ALL]
+        if unknown:
+            raise ValueError(f"stages must be among {', '.join(map(repr, STAGES_ALL))}, got {unknown}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        self.stages, self.compare, self.backend = stages, compare, backend
+        self.save_path, self.freeze_base, self.print_table = save_path, freeze_base, print_table
+        self.comparison: dict[str, dict[str, dict[str, float]]] = {}  # stage -> row -> {"float", "int8"}
+        self.frozen: list[str] = []
+        self._stash: dict[str, nn.Module] = {}
+        self._chosen: str | None = None
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        device = trainer.strategy.root_device
+        if stage == "fit" and self.freeze_base and not self.frozen:
+            self._freeze_base(pl_module, device)
+        if any(s in self.stages for s in ("validate", stage)):
+            self._chosen = choose_backend(device, self.backend)  # unsupported here: a clear error now
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "validate" in self.stages and not trainer.sanity_checking:
+            self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stage_end(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "test" in self.stages:
+            self._swap_in(pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stage_end(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "predict" in self.stages:
+            self._swap_in(pl_module)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stage_end(trainer, pl_module, "predict")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._swap_out(pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._swap_out(pl_module)
+
+    def summary(self) -> str:
+        """The float-vs-int8 table(s) for the `lowvram` summary."""
+        return "\n".join(format_comparison(stage, rows) for stage, rows in self.comparison.items())
+
+    # -- int8 for a stage ---------------------------------------------------------------------------------------
+    def _swap_in(self, pl_module: L.LightningModule) -> None:
+        if self._stash:
+            return
+        names = [name for name, m in pl_module.named_modules() if is_linear(m) and name not in self.frozen]
+        box = nn.ModuleList(copy.deepcopy(pl_module.get_submodule(n)) for n in names).eval()
+        quantize_dynamic_int8(box, self._chosen or "auto", device=pl_module.device, inplace=True)
+        for name, int8 in zip(names, box, strict=True):
+            self._stash[name] = pl_module.get_submodule(name)
+            pl_module.set_submodule(name, int8)
+
+    def _swap_out(self, pl_module: L.LightningModule) -> None:
+        for name, original in self._stash.items():
+            pl_module.set_submodule(name, original)
+        self._stash = {}
+
+    def _stage_end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._stash:
+            return
+        if self.save_path:
+            save_quantized(pl_module, self.save_path, self._chosen or "auto", list(self._stash))
+        if self.compare and stage in STAGES:
+            names = list(self._stash)
+            int8 = _evaluate(trainer, pl_module, stage)
+            int8.update(model_bytes=module_bytes(pl_module), linear_bytes=linear_bytes(pl_module, names))
+            self._swap_out(pl_module)
+            fp = _evaluate(trainer, pl_module, stage)
+            fp.update(model_bytes=module_bytes(pl_module), linear_bytes=linear_bytes(pl_module, names))
+            self._report(trainer, stage, fp, int8)
+        self._swap_out(pl_module)
+
+    def _report(self, trainer: L.Trainer, stage: str, fp: dict[str, float], int8: dict[str, float]) -> None:
+        rows = {key: {"float": fp[key], "int8": int8[key]} for key in fp if key in int8}
+        self.comparison[stage] = rows
+        metrics = {f"lowvram/quant/{stage}/{key}/{kind}": v for key, row in rows.items() for kind, v in row.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.print_table:
+            rank_zero_info(format_comparison(stage, rows))
+        latency = rows.get("latency_ms", {})
+        if latency and latency["int8"] > latency["float"]:
+            rank_zero_warn(
+                f"DynamicQuantCallback: int8 ({self._chosen}) took {latency['int8'] / latency['float']:.2f}x the float "
+                f"time per {stage} batch here: for layers this small, quantizing activations costs more than int8 "
+                "matmuls save; the byte savings stand"
+            )
+
+    # -- frozen base --------------------------------------------------------------------------------------------
+    def _freeze_base(self, pl_module: L.LightningModule, device: torch.device) -> None:
+        name = "torchao_weight_only" if self.backend == "auto" else choose_backend(device, self.backend)
+        if not BACKENDS[name].keeps_gradients:
+            raise ValueError(
+                f"backend={name!r} cuts autograd: layers under trainable ones would silently get no gradient; "
+                "freeze_base=True needs backend='torchao_weight_only' (or 'auto')"
+            )
+        frozen = [
+            n for n, m in pl_module.named_modules() if is_linear(m) and not any(p.requires_grad for p in m.parameters())
+        ]
+        if not frozen:
+            raise ValueError(
+                "freeze_base=True found no frozen Linear layer: freeze the base first (requires_grad_(False))"
+            )
+        box = nn.ModuleList(copy.deepcopy(pl_module.get_submodule(n)) for n in frozen)
+        quantize_dynamic_int8(box, name, device=device, inplace=True)
+        for layer_name, int8 in zip(frozen, box, strict=True):
+            similarity = gradient_check(pl_module.get_submodule(layer_name), int8)
+            if similarity < 0.99:
+                raise RuntimeError(
+                    f"DynamicQuantCallback: gradients through the int8 {layer_name!r} differ from float "
+                    f"(cosine {similarity:.3f}); not training on it"
+                )
+            pl_module.set_submodule(layer_name, int8)
+        self.frozen = frozen
+        rank_zero_info(f"DynamicQuantCallback: {len(frozen)} frozen Linear layers are int8 ({name}); gradients checked")
+
+
+def _evaluate(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
+    """Run the stage's step over the stage's batches, capturing what it logs; metrics are reset afterwards."""
+    step_name, loaders_attr = STAGES[stage]
+    step = getattr(pl_module, step_name)
+    loaders = getattr(trainer, loaders_attr)
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    limits = trainer.num_test_batches if stage == "test" else trainer.num_val_batches
+    sums: dict[str, list[float]] = {}
+    metrics: dict[str, Metric] = {}
+    times: list[float] = []
+
+    def log(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        if isinstance(value, Metric):
+            metrics[name] = value
+            return
+        weight = batch_size or current["size"]
+        total = sums.setdefault(name, [0.0, 0.0])
+        total[0] += float(value) * weight
+        total[1] += weight
+
+    current = {"size": 1}
+    pl_module.__dict__["log"] = log
+    try:
+        with torch.inference_mode():
+            for index, loader in enumerate(loaders):
+                for i, batch in enumerate(loader):
+                    if i >= limits[index]:
+                        break
+                    batch = trainer.strategy.batch_to_device(batch)
+                    current["size"] = batch_size_of(batch)
+                    start = time.perf_counter()
+                    step(batch, i, *([index] if len(loaders) > 1 else []))
+                    if pl_module.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+    finally:
+        pl_module.__dict__.pop("log", None)
+    values: dict[str, Any] = {name: total[0] / max(total[1], 1) for name, total in sums.items()}
+    for name, metric in metrics.items():
+        values[name] = float(metric.compute())
+        metric.reset()
+    values["latency_ms"] = sorted(times)[len(times) // 2] * 1e3 if times else float("nan")
+    return values
+
+
+def format_comparison(stage: str, rows: dict[str, dict[str, float]]) -> str:
+    """The float-vs-int8 table of one stage."""
+    lines = [f"float vs int8 ({stage})", f"  {'':28} {'float':>12} {'int8':>12} {'int8/float':>10}"]
+    for key, row in rows.items():
+        ratio = row["int8"] / row["float"] if row["float"] else float("nan")
+        lines.append(f"  {key:28} {row['float']:>12.4g} {row['int8']:>12.4g} {ratio:>10.3f}")
+    return "\n".join(lines)
+
+
+def save_quantized(module: nn.Module, path: str | Path, backend: str, layers: list[str]) -> None:
+    """Write the module's state (its int8 layers as they are now) and the recipe to rebuild them."""
+    recipe = {"backend": backend, "layers": layers, "torch": str(torch.__version__)}
+    torch.save({"recipe": recipe, "state_dict": module.state_dict()}, path)
+
+
+def load_quantized(module: nn.Module, path: str | Path) -> nn.Module:
+    """Quantize a fresh float ``module`` as the recipe says and load the int8 weights (``weights_only=True``).
+
+    Example:
+        >>> # model = load_quantized(DigitsMLP(hidden=128), "digits_int8.pt")
+
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    recipe = saved["recipe"]
+    layers = set(recipe["layers"])
+    quantize_dynamic_int8(module, recipe["backend"], device="cpu", select=lambda m, n: n in layers, inplace=True)
+    module.load_state_dict(saved["state_dict"])
+    return module.eval()

@@ -1,0 +1,182 @@
+"""Int8 quantization of Linear layers, usable without Lightning: a backend per device, bytes counted from tensors.
+
+Backends (a registry: name -> (devices, transform, keeps gradients)):
+
+- ``torch_ao``: ``torch.ao.quantization.quantize_dynamic`` (int8 weights, activations quantized per batch at run time);
+  CPU only, while torch ships it; the fastest int8 path on CPU (benchmarks/RESULTS.md). Cuts autograd.
+- ``torchao_dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig``; the CUDA path. Cuts autograd; measured 25x
+  *slower* than fp32 on an AVX2 CPU, so never chosen there automatically.
+- ``torchao_weight_only``: torchao ``Int8WeightOnlyConfig`` (int8 weights, float activations); CPU and CUDA;
+  gradients flow to the input, so it can hold a frozen base under trainable adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to quantize Linear layers in place, where it runs and whether gradients flow through the result."""
+
+    devices: tuple[str, ...]
+    apply: Callable[[nn.Module, Callable[[nn.Module, str], bool]], None]
+    keeps_gradients: bool
+
+
+def _torch_ao(module: nn.Module, select: Callable[[nn.Module, str], bool]) -> None:
+    names = {name for name, m in module.named_modules() if select(m, name)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated (still shipped): we know
+        torch.ao.quantization.quantize_dynamic(module, names, dtype=torch.qint8, inplace=True)
+
+
+def _torchao(config_name: str) -> Callable[[nn.Module, Callable[[nn.Module, str], bool]], None]:
+    def apply(module: nn.Module, select: Callable[[nn.Module, str], bool]) -> None:
+        import torchao.quantization as tq
+
+        tq.quantize_(module, getattr(tq, config_name)(), filter_fn=lambda m, name: select(m, name))
+
+    return apply
+
+
+BACKENDS: dict[str, Backend] = {
+    "torchao_dynamic": Backend(("cuda", "cpu"), _torchao("Int8DynamicActivationInt8WeightConfig"), False),
+    "torchao_weight_only": Backend(("cuda", "cpu"), _torchao("Int8WeightOnlyConfig"), True),
+}
+if hasattr(torch.ao.quantization, "quantize_dynamic"):
+    BACKENDS["torch_ao"] = Backend(("cpu",), _torch_ao, False)
+
+
+def available_backends(device: str | torch.device) -> list[str]:
+    """Backends that run on ``device`` (its type: ``cpu`` or ``cuda``)."""
+    kind = torch.device(device).type
+    return [name for name, backend in BACKENDS.items() if kind in backend.devices]
+
+
+def choose_backend(device: str | torch.device, backend: str = "auto") -> str:
+    """``backend`` if it runs on ``device``; for ``"auto"`` the fastest int8 path there (by measurement).
+
+    Raises:
+        ValueError: For a backend that does not run on ``device``, listing those that do.
+
+    Example:
+        >>> choose_backend("cpu")
+        'torch_ao'
+
+    """
+    kind = torch.device(device).type
+    here = available_backends(kind)
+    if backend == "auto":
+        preferred = ("torch_ao", "torchao_weight_only") if kind == "cpu" else ("torchao_dynamic",)
+        for name in preferred:
+            if name in here:
+                return name
+        raise ValueError(f"no int8 backend runs on {kind}; backends: {', '.join(BACKENDS)}")
+    if backend not in here:
+        raise ValueError(f"backend={backend!r} does not run on {kind}; here: 'auto', {', '.join(map(repr, here))}")
+    return backend
+
+
+def is_linear(module: nn.Module, name: str = "") -> bool:
+    """Plain Linear layers (not already quantized)."""
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear) and "NonDynamically" in type(module).__name__)
+
+
+def quantize_dynamic_int8(
+    module: nn.Module,
+    backend: str = "auto",
+    *,
+    device: str | torch.device | None = None,
+    select: Callable[[nn.Module, str], bool] = is_linear,
+    inplace: bool = False,
+) -> nn.Module:
+    """Int8 copy (or ``inplace``) of ``module`` with its Linear layers quantized by ``backend``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> q = quantize_dynamic_int8(model)
+        >>> type(q[0]).__name__, type(model[0]).__name__
+        ('Linear', 'Linear')
+        >>> round(linear_bytes(q) / linear_bytes(model), 2)
+        0.26
+
+    """
+    device = device or next((p.device for p in module.parameters()), torch.device("cpu"))
+    name = choose_backend(device, backend)
+    target = module if inplace else copy.deepcopy(module)
+    BACKENDS[name].apply(target, select)
+    return target
+
+
+def quantized_layers(module: nn.Module) -> list[str]:
+    """Names of the layers holding int8 weights (either backend)."""
+    names: list[str] = []
+    for name, m in module.named_modules():
+        if _is_quantized(m) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    if "quantized" in type(module).__module__:
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of a tensor, a quantized tensor, a tensor subclass (its inner tensors) or a tuple of them."""
+    if isinstance(value, tuple | list):
+        return sum(tensor_bytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    if value.is_quantized:
+        extra = 0
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            extra = tensor_bytes(value.q_per_channel_scales()) + tensor_bytes(value.q_per_channel_zero_points())
+        return value.numel() * value.element_size() + extra
+    if type(value) not in (torch.Tensor, nn.Parameter) and hasattr(value, "__tensor_flatten__"):
+        names, _ = value.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(value, n)) for n in names)
+    return value.numel() * value.element_size()
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of everything in the module's ``state_dict`` (quantized weights counted as stored)."""
+    return sum(tensor_bytes(v) for v in module.state_dict().values())
+
+
+def linear_bytes(module: nn.Module, names: Iterable[str] | None = None) -> int:
+    """Bytes of the Linear layers (float or quantized): weights, biases, scales."""
+    names = set(names) if names is not None else None
+    total, counted = 0, []
+    for name, m in module.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in counted):
+            continue  # a part of a layer already counted (torch.ao keeps its packed weights in a child module)
+        if (names is None and (is_linear(m) or _is_quantized(m))) or (names is not None and name in names):
+            total += sum(tensor_bytes(v) for v in m.state_dict().values())
+            counted.append(name)
+    return total
+
+
+def gradient_check(layer: nn.Module, quantized: nn.Module, samples: int = 4) -> float:
+    """Cosine similarity of the input gradients through ``layer`` (float) and its ``quantized`` copy; 0 if none."""
+    param = next(layer.parameters())
+    x = torch.randn(samples, layer.in_features, device=param.device, dtype=param.dtype, requires_grad=True)
+    layer(x).square().sum().backward()
+    expected, x.grad = x.grad.detach().clone(), None
+    try:
+        quantized(x).square().sum().backward()
+    except RuntimeError:
+        return 0.0
+    if x.grad is None:
+        return 0.0
+    return float(nn.functional.cosine_similarity(expected.flatten(), x.grad.flatten(), dim=0))
