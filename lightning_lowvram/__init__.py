@@ -2,6 +2,7 @@
 
 from lightning_lowvram.batching import merge_outputs, split_batch
 from lightning_lowvram.callbacks import (
+    ActivationCheckpointingCallback,
     AutoMicroBatchCallback,
     DynamicQuantCallback,
     MemoryReportCallback,
@@ -23,6 +24,7 @@ from lightning_lowvram.memory import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationCheckpointingCallback",
     "AutoMicroBatchCallback",
     "DynamicQuantCallback",
     "GPUProfile",
