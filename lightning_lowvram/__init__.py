@@ -20,6 +20,7 @@ from lightning_lowvram.memory import (
     known_gpus,
     memory_budget,
 )
+from lightning_lowvram.planner import MemoryEstimate, estimate_step_memory
 
 __version__ = "0.1.0"
 
@@ -28,11 +29,13 @@ __all__ = [
     "AutoMicroBatchCallback",
     "DynamicQuantCallback",
     "GPUProfile",
+    "MemoryEstimate",
     "MemoryMeter",
     "MemoryReportCallback",
     "PruningCallback",
     "MemoryStats",
     "format_bytes",
+    "estimate_step_memory",
     "gpu_profile",
     "is_oom_error",
     "known_gpus",

@@ -1,0 +1,213 @@
+"""Predict a training step's peak memory without the GPU: the step runs on fake tensors, nothing is allocated.
+
+``estimate_step_memory`` copies the module onto fake tensors (``FakeTensorMode``), runs its ``training_step``,
+backward and optimizer step (twice, so optimizer state exists; with micro-batches, two accumulate before each step)
+under the project's memory meter, and reports the peak by category and by phase. For ``device="cpu"`` this is the
+CPU run's measurement, byte for byte. For a CUDA card it also emulates what the CUDA allocator and defaults change:
+512-byte allocation rounding, the multi-tensor (``foreach``) optimizer implementation CUDA uses by default, and the
+card's context/workspace allowance (``GPUProfile.context_mib``). Not emulated yet (so not claimed): kernel choices
+that differ between the CPU and CUDA traces, such as fused attention variants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+from unittest import mock
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map_only
+
+from lightning_lowvram.batching import batch_size_of, slice_batch
+from lightning_lowvram.checkpointing import checkpoint_blocks
+from lightning_lowvram.memory.meter import MemoryMeter
+from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
+
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
+PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """A training step's predicted peak.
+
+    Attributes:
+        peak: Bytes of live tensors at the peak (plus ``allowance``).
+        by_category: The peak split into parameters, buffers, gradients, optimizer, activations, temporaries, other.
+        by_phase: Peak bytes of tensors during forward, backward and the optimizer step.
+        allowance: Bytes outside tensors added for the target (CUDA context and workspaces).
+        device: ``"cpu"`` or ``"cuda"``: whose allocation rules were applied.
+        gpu: The GPU profile's name, if one was given.
+
+    """
+
+    peak: int
+    by_category: dict[str, int]
+    by_phase: dict[str, int]
+    allowance: int
+    device: str
+    gpu: str | None = None
+
+    def fits(self, budget: int, margin: float = 0.1) -> bool:
+        """Whether the peak stays below ``budget`` with a ``margin`` (fraction of the budget) to spare."""
+        return self.peak <= budget * (1.0 - margin)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.by_category.items() if v)
+        extra = f" + {format_bytes(self.allowance)} context" if self.allowance else ""
+        return f"{format_bytes(self.peak)} on {self.gpu or self.device} ({parts}{extra})"
+
+
+def estimate_step_memory(
+    module: nn.Module,
+    batch: Any,
+    *,
+    micro_batch_size: int | None = None,
+    precision: Precision = "32-true",
+    optimizer: torch.optim.Optimizer | None = None,
+    activation_checkpointing: bool = False,
+    gpu: str | GPUProfile | None = None,
+    device: Literal["cpu", "cuda"] | None = None,
+) -> MemoryEstimate:
+    """Predict the peak memory of ``module``'s training step on ``batch``, without running it for real.
+
+    Args:
+        module: A LightningModule (its ``training_step`` and ``configure_optimizers`` are used) or any module whose
+            ``training_step(batch, batch_idx)`` returns a loss.
+        batch: An example batch (tensors, tuples, dicts...) as the dataloader yields it.
+        micro_batch_size: Split the batch as AutoMicroBatchCallback would; ``None``: the whole batch.
+        precision: ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"`` (autocast) or ``"bf16-true"`` (bf16 weights).
+        optimizer: Ignored when ``None`` (the module's ``configure_optimizers`` is used); else an optimizer *class*
+            or factory ``f(params) -> Optimizer``.
+        activation_checkpointing: Checkpoint repeated blocks (as ActivationCheckpointingCallback does).
+        gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
+        device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
+
+    Raises:
+        ValueError: For an unknown precision or GPU, a non-positive micro-batch size, or a batch the module's
+            ``training_step`` rejects (with its error).
+
+    Example:
+        >>> from lightning_lowvram.demo import DigitsMLP
+        >>> estimate = estimate_step_memory(DigitsMLP(), (torch.zeros(64, 64), torch.zeros(64, dtype=torch.long)))
+        >>> estimate.by_category["parameters"], estimate.device
+        (104488, 'cpu')
+
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
+    cuda = device == "cuda" or (device is None and profile is not None and profile.memory_gib is not None)
+    n = batch_size_of(batch)
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    micro = min(micro_batch_size or n, n)
+    micro_batches = [slice_batch(batch, 0, micro, n)] * min(2, math.ceil(n / micro))
+
+    mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False)
+    with torch._subclasses.fake_tensor.FakeCopyMode(mode):
+        fake = copy.deepcopy(module)
+    if precision == "bf16-true":
+        fake = fake.to(torch.bfloat16)
+    if activation_checkpointing:
+        checkpoint_blocks(fake)
+    fake.train()
+    fake.__dict__["log"] = fake.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
+    fakes = [tree_map_only(torch.Tensor, mode.from_tensor, b) for b in micro_batches]
+    phases = dict.fromkeys(PHASES, 0)
+    best = None  # the meter's stats at the highest peak of any phase
+
+    def record(phase: str) -> None:
+        nonlocal best
+        stats = meter.peak
+        phases[phase] = max(phases[phase], stats.total)
+        if best is None or stats.total > best.total:
+            best = stats
+        meter.reset_peak()
+
+    with mode, _cuda_rounding(cuda):
+        opt = _optimizer(fake, optimizer)
+        if cuda:
+            for group in opt.param_groups:
+                if "foreach" in group:
+                    group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
+        with MemoryMeter(fake, opt) as meter:
+            for _ in range(2):
+                for fake_batch in fakes:
+                    meter.reset_peak()
+                    with _autocast(precision):
+                        loss = _loss(fake, fake_batch)
+                    record("forward")
+                    (loss / len(fakes)).backward()
+                    del loss
+                    record("backward")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                record("optimizer")
+    assert best is not None
+    allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
+    return MemoryEstimate(
+        peak=best.total + allowance,
+        by_category=dict(best.by_category),
+        by_phase=phases,
+        allowance=allowance,
+        device="cuda" if cuda else "cpu",
+        gpu=profile.name if profile is not None else None,
+    )
+
+
+def _loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    try:
+        output = module.training_step(batch, 0)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"the example batch does not fit {type(module).__name__}.training_step: {str(err).splitlines()[0]}"
+        ) from err
+    loss = output["loss"] if isinstance(output, dict) else output
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError(f"{type(module).__name__}.training_step must return a loss tensor to estimate a step")
+    return loss
+
+
+def _optimizer(module: nn.Module, optimizer: Any) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if optimizer is not None:
+        return optimizer(params)
+    configured = module.configure_optimizers()
+    while not isinstance(configured, torch.optim.Optimizer):
+        if isinstance(configured, dict):
+            configured = configured["optimizer"]
+        elif isinstance(configured, list | tuple) and configured:
+            configured = configured[0]
+        else:
+            raise ValueError("configure_optimizers returned no optimizer; pass optimizer=")
+    return configured
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision in ("bf16-mixed", "16-mixed"):
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+        return torch.autocast("cpu", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _cuda_rounding(enabled: bool) -> Iterator[None]:
+    """Count every storage as the CUDA caching allocator would: rounded up to 512 bytes."""
+    if not enabled:
+        yield
+        return
+    from torch.distributed._tools import mem_tracker
+
+    def rounded(self: Any) -> int:
+        mem = self.size * self.element_size
+        return math.ceil(mem / mem_tracker._PYTORCH_MIN_ALLOCATE) * mem_tracker._PYTORCH_MIN_ALLOCATE
+
+    with mock.patch.object(mem_tracker._WeakRefInfo, "_calculate_mem_consumed", rounded):
+        yield

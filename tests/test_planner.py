@@ -1,0 +1,86 @@
+import lightning as L
+import pytest
+import torch
+
+from lightning_lowvram import ActivationCheckpointingCallback, AutoMicroBatchCallback, MemoryReportCallback
+from lightning_lowvram.demo import DigitsDataModule, DigitsMLP, TinyGPT, TinyTextDataModule
+from lightning_lowvram.planner import estimate_step_memory
+from tests.helpers import quiet_trainer
+
+DEMOS = {
+    "digits_mlp": (lambda: DigitsMLP(hidden=256), lambda: DigitsDataModule(batch_size=64)),
+    "tiny_gpt": (
+        lambda: TinyGPT(seq_len=64, d_model=64, n_head=4, n_layer=2),
+        lambda: TinyTextDataModule(batch_size=32),
+    ),
+}
+
+
+def _measured(name, micro, precision, checkpointing):
+    """The meter's peak of a real Lightning fit (3 optimizer steps: optimizer state exists) with the same settings."""
+    make_model, make_data = DEMOS[name]
+    L.seed_everything(0)
+    model, data = make_model(), make_data()
+    report = MemoryReportCallback(stages=["fit"], print_table=False)
+    callbacks = [AutoMicroBatchCallback(micro_batch_size=micro), report]
+    callbacks += [ActivationCheckpointingCallback()] if checkpointing else []
+    quiet_trainer(max_steps=3, limit_val_batches=0, precision=precision, callbacks=callbacks).fit(
+        model, datamodule=data
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    return make_model(), batch, report.reports["fit"].total
+
+
+@pytest.mark.parametrize("micro", [4, 8, 16, 32])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize(("name", "checkpointing"), [("digits_mlp", False), ("tiny_gpt", False), ("tiny_gpt", True)])
+def test_cpu_estimate_matches_the_meter_within_5_percent(name, checkpointing, precision, micro):
+    model, batch, measured = _measured(name, micro, precision, checkpointing)
+    estimate = estimate_step_memory(
+        model, batch, micro_batch_size=micro, precision=precision, activation_checkpointing=checkpointing
+    )
+    assert estimate.device == "cpu" and estimate.allowance == 0
+    assert abs(estimate.peak - measured) <= 0.05 * measured, (estimate, measured)
+
+
+def _digits_batch(n=64):
+    return torch.zeros(n, 64), torch.zeros(n, dtype=torch.long)
+
+
+def test_a_cuda_card_adds_rounding_foreach_temporaries_and_the_context_allowance():
+    model = TinyGPT(seq_len=64, d_model=64, n_head=4, n_layer=2)
+    batch = (torch.zeros(8, 64, dtype=torch.long), torch.zeros(8, 64, dtype=torch.long))
+    cpu = estimate_step_memory(model, batch)
+    card = estimate_step_memory(model, batch, gpu="rtx3060_12gb")
+    assert card.device == "cuda" and card.gpu == "rtx3060_12gb" and card.allowance == 500 * 2**20
+    assert card.peak - card.allowance >= cpu.peak  # 512-byte rounding only adds
+    assert card.fits(11 * 2**30) and not card.fits(card.peak)
+
+
+def test_estimating_allocates_nothing_real_and_leaves_the_module_alone():
+    model = DigitsMLP(hidden=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimate = estimate_step_memory(model, _digits_batch())
+    assert set(estimate.by_phase) == {"forward", "backward", "optimizer"}
+    assert estimate.by_category["optimizer"] > 0  # two steps: AdamW state exists
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"gpu": "rtx9090_1gb"}, ValueError, "rtx9090_1gb"),
+        ({"precision": "fp8"}, ValueError, "precision must be one of"),
+        ({"micro_batch_size": 0}, ValueError, "micro_batch_size must be >= 1"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        estimate_step_memory(DigitsMLP(hidden=16), _digits_batch(), **kwargs)
+
+
+def test_a_batch_that_does_not_match_the_module_is_a_clear_error():
+    with pytest.raises(ValueError, match="the example batch does not fit DigitsMLP.training_step"):
+        estimate_step_memory(DigitsMLP(hidden=16), (torch.zeros(8, 32), torch.zeros(8, dtype=torch.long)))
