@@ -1,0 +1,203 @@
+"""Pick the cheapest mix of strategies whose predicted peak fits a GPU, from estimates alone (no GPU needed).
+
+Candidates are ranked by a cost model (relative extra time per sample, from benchmarks/RESULTS.md and published
+numbers): each halving of the micro-batch adds 3 % (bert-large: batch 1 x 4 ran at 0.87x of batch 4); mixed precision
+is charged 5 % although it is usually faster on GPUs, because it changes the numerics and fp32 is kept when a split
+suffices; activation checkpointing of repeated blocks adds about one forward pass (33 %). For each precision x
+checkpointing choice the largest micro-batch that fits is found by bisection over halvings, and the cheapest fitting
+candidate wins. Not searched yet: 8-bit optimizer state, int8 frozen bases (DynamicQuantCallback(freeze_base=True)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from torch import nn
+
+from lightning_lowvram.batching import batch_size_of
+from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
+from lightning_lowvram.planner import MemoryEstimate, estimate_step_memory
+
+COST = {"micro_batch_halving": 0.03, "mixed_precision": 0.05, "activation_checkpointing": 0.33}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One setting and its predicted peak."""
+
+    precision: str
+    micro_batch_size: int
+    activation_checkpointing: bool
+    estimate: MemoryEstimate
+    fits: bool
+    cost: float
+
+    @property
+    def label(self) -> str:
+        parts = [self.precision, f"micro-batch {self.micro_batch_size}"]
+        parts += ["checkpointing"] if self.activation_checkpointing else []
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The candidates tried (plain setup first), the chosen one (``None``: nothing fits) and the card."""
+
+    gpu: GPUProfile
+    batch_size: int
+    budget: int
+    candidates: list[Candidate]
+    chosen: Candidate | None
+
+    def table(self) -> str:
+        """The candidates as text, the chosen one marked."""
+        lines = [
+            f"plan for {self.gpu.name}: tensors must stay under {format_bytes(self.budget)} (the card minus its "
+            f"context, with margin); batch {self.batch_size} kept",
+            f"  {'':2}{'setting':48} {'tensor peak':>15} {'fits':>5} {'extra time':>10}",
+        ]
+        for c in self.candidates:
+            mark = "->" if c is self.chosen else ""
+            fits = "yes" if c.fits else "no"
+            peak = format_bytes(c.estimate.peak - c.estimate.allowance)
+            lines.append(f"  {mark:2}{c.label:48} {peak:>15} {fits:>5} {c.cost:>9.0%}")
+        if self.chosen is None:
+            smallest = min(self.candidates, key=lambda c: c.estimate.peak)
+            need = format_bytes(int(smallest.estimate.peak / (self.budget / self.gpu.usable_bytes)))
+            lines.append(
+                f"  nothing fits: the smallest predicted peak is {format_bytes(smallest.estimate.peak)} "
+                f"({smallest.label}); it needs a card of {need}, or fewer parameters (PruningCallback) or an int8 "
+                "frozen base (DynamicQuantCallback(freeze_base=True))"
+            )
+        return "\n".join(lines)
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Trainer arguments of the chosen setting."""
+        return {"precision": self.chosen.precision} if self.chosen else {}
+
+    def callbacks(self) -> list[Any]:
+        """Callbacks of the chosen setting (micro-batching keeps the effective batch)."""
+        from lightning_lowvram.callbacks import ActivationCheckpointingCallback, AutoMicroBatchCallback
+
+        if self.chosen is None:
+            return []
+        out: list[Any] = []
+        if self.chosen.micro_batch_size < self.batch_size:
+            out.append(AutoMicroBatchCallback(micro_batch_size=self.chosen.micro_batch_size))
+        if self.chosen.activation_checkpointing:
+            out.append(ActivationCheckpointingCallback())
+        return out
+
+    def overrides(self) -> list[str]:
+        """The same as Hydra overrides of the `lowvram` app."""
+        if self.chosen is None:
+            return []
+        nodes = ["lowvram_memory_report"]
+        nodes += ["lowvram_auto_micro_batch"] if self.chosen.micro_batch_size < self.batch_size else []
+        nodes += ["lowvram_activation_checkpointing"] if self.chosen.activation_checkpointing else []
+        out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
+        if "lowvram_auto_micro_batch" in nodes:
+            out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
+        return out
+
+
+def plan(module: nn.Module, batch: Any, gpu: str | GPUProfile, *, margin: float = 0.1) -> Plan:
+    """Choose the cheapest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
+
+    Raises:
+        ValueError: For an unknown GPU, a profile without memory (``cpu``), or a margin outside [0, 1).
+
+    Example:
+        >>> import torch
+        >>> from lightning_lowvram.demo import DigitsMLP
+        >>> p = plan(DigitsMLP(), (torch.zeros(64, 64), torch.zeros(64, dtype=torch.long)), "rtx3060_12gb")
+        >>> p.chosen.label
+        '32-true, micro-batch 64'
+
+    """
+    profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
+    if profile.usable_bytes is None:
+        raise ValueError(f"gpu {profile.name!r} has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    budget = int(profile.usable_bytes * (1.0 - margin))  # for tensors: the card minus its context, capped by free
+    n = batch_size_of(batch)
+    precisions = ["32-true", "bf16-mixed" if profile.bf16 else "16-mixed"]
+    checkpointing = [False, True] if _has_blocks(module) else [False]
+    candidates: list[Candidate] = []
+
+    def candidate(precision: str, micro: int, ckpt: bool) -> Candidate:
+        estimate = estimate_step_memory(
+            module, batch, micro_batch_size=micro, precision=precision, activation_checkpointing=ckpt, gpu=profile
+        )
+        cost = COST["micro_batch_halving"] * math.log2(n / micro) + (COST["activation_checkpointing"] if ckpt else 0)
+        cost += COST["mixed_precision"] if precision != "32-true" else 0
+        found = Candidate(
+            precision, micro, ckpt, estimate, estimate.peak - estimate.allowance <= budget, round(cost, 4)
+        )
+        candidates.append(found)
+        return found
+
+    best: Candidate | None = None
+    for precision in precisions:
+        for ckpt in checkpointing:
+            sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
+            fit = _largest_fit(sizes, lambda m, p=precision, c=ckpt: candidate(p, m, c))
+            if fit is not None and (best is None or fit.cost < best.cost):
+                best = fit
+    ordered = sorted(candidates, key=lambda c: (c.cost, c.estimate.peak))
+    return Plan(profile, n, budget, ordered, best)
+
+
+def chart(result: Plan, path: str) -> str:
+    """A PNG of each candidate's predicted tensor peak by category, against the card's budget line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = ["parameters", "gradients", "optimizer", "activations", "temporaries", "buffers", "other"]
+    labels = [("-> " if c is result.chosen else "") + c.label for c in result.candidates]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    left = [0.0] * len(labels)
+    for category in categories:
+        values = [c.estimate.by_category.get(category, 0) / 2**30 for c in result.candidates]
+        if any(values):
+            ax.barh(labels, values, left=left, label=category)
+            left = [a + b for a, b in zip(left, values, strict=True)]
+    ax.axvline(result.budget / 2**30, color="black", linestyle="--", label=f"budget ({result.gpu.name})")
+    ax.invert_yaxis()
+    ax.set_xlabel("predicted peak (GiB)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _largest_fit(sizes: list[int], run: Any) -> Candidate | None:
+    """Bisection over decreasing sizes for the first (largest) that fits; estimates are monotone in the size."""
+    lo, hi, found = 0, len(sizes) - 1, None
+    first = run(sizes[0])
+    if first.fits:
+        return first
+    last = run(sizes[-1])
+    if not last.fits:
+        return None
+    found = last
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        result = run(sizes[mid])
+        if result.fits:
+            hi, found = mid, result
+        else:
+            lo = mid
+    return found
+
+
+def _has_blocks(module: nn.Module) -> bool:
+    from lightning_lowvram.checkpointing import repeated_blocks
+
+    return bool(repeated_blocks(module))

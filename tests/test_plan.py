@@ -1,0 +1,69 @@
+import lightning as L
+import pytest
+import torch
+
+from lightning_lowvram import GPUProfile, memory_budget
+from lightning_lowvram.demo import DigitsMLP, TinyGPT, TinyTextDataModule
+from lightning_lowvram.plan import chart, plan
+from lightning_lowvram.planner import estimate_step_memory
+from tests.helpers import quiet_trainer
+
+
+def _gpt():
+    return TinyGPT(seq_len=64, d_model=64, n_head=4, n_layer=4)
+
+
+def _batch(data):
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def _card(gib):
+    return GPUProfile(name="tiny_card", memory_gib=gib, bf16=True, context_mib=0)
+
+
+def test_the_plan_fits_a_card_the_plain_setup_overflows_and_trains_there_without_oom(tmp_path):
+    data = TinyTextDataModule(seq_len=64, batch_size=32)
+    batch = _batch(data)
+    plain = estimate_step_memory(_gpt(), batch, device="cuda")
+    card = _card(plain.peak * 0.6 / 2**30)
+    chosen = plan(_gpt(), batch, card)
+    assert chosen.candidates[0].label == "32-true, micro-batch 32" and not chosen.candidates[0].fits
+    assert (
+        chosen.chosen is not None
+        and chosen.chosen.fits
+        and chosen.chosen.estimate.peak - chosen.chosen.estimate.allowance <= chosen.budget
+    )
+    assert "->" in chosen.table() and "nothing fits" not in chosen.table()
+    assert chart(chosen, str(tmp_path / "plan.png")) and (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    overrides = chosen.overrides()
+    assert overrides[0] == f"trainer.precision={chosen.chosen.precision}"
+
+    def fit(callbacks, **kwargs):
+        L.seed_everything(0)
+        trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=callbacks, **kwargs)
+        with memory_budget(card, device="cpu"):
+            trainer.fit(_gpt(), datamodule=data)
+        return trainer
+
+    with pytest.raises(torch.OutOfMemoryError):
+        fit([])  # the plain setup does not fit the emulated card
+    trainer = fit(chosen.callbacks(), **chosen.trainer_kwargs())  # the plan does
+    assert trainer.global_step == 3
+
+
+def test_nothing_fits_says_the_smallest_reachable_peak():
+    data = TinyTextDataModule(seq_len=64, batch_size=8)
+    result = plan(_gpt(), _batch(data), _card(0.0001))
+    assert result.chosen is None and result.callbacks() == [] and result.overrides() == []
+    assert "nothing fits: the smallest predicted peak is" in result.table()
+
+
+def test_bad_input():
+    batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="rtx9090"):
+        plan(DigitsMLP(), batch, "rtx9090")
+    with pytest.raises(ValueError, match="has no memory size to plan for"):
+        plan(DigitsMLP(), batch, "cpu")
+    with pytest.raises(ValueError, match="margin must be in"):
+        plan(DigitsMLP(), batch, "rtx3060_12gb", margin=1.5)
