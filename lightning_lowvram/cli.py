@@ -1,7 +1,9 @@
 """The ``lowvram`` command: a Hydra app over the shipped ``conf/`` tree.
 
 ``lowvram fit [overrides...]`` composes ``conf/lowvram.yaml``, instantiates the model, data, callbacks and Trainer,
-runs the fit (under the chosen GPU's memory, emulated when that GPU is not here) and prints a summary.
+runs the fit (under the chosen GPU's memory, emulated when that GPU is not here) and prints a summary;
+``strategy=auto`` lets the planner choose the strategies first. ``lowvram plan gpu=<card>`` prints the plan for the
+model and data and writes a PNG chart, without training.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.meter import memory_table
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes
 
-COMMANDS = ("fit",)
+COMMANDS = ("fit", "plan")
 
 
 class ConfigError(ValueError):
@@ -74,11 +76,44 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"model._target_={cfg.model._target_!r} has no training_step: `lowvram fit` cannot train it")
     data = _instantiate(cfg.data, "data")
     callbacks = {name: _instantiate(node, name) for name, node in _callback_nodes(cfg)}
-    trainer_kwargs: dict[str, Any] = {"callbacks": list(callbacks.values())}
+    trainer_kwargs: dict[str, Any] = {}
+    chosen = None
+    auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
+    if cfg.command == "plan" or auto:
+        chosen = _plan(model, data, profile, float(cfg.strategy.get("margin", 0.1)))
+        if cfg.command == "fit":
+            if chosen.chosen is None:
+                raise ConfigError(f"strategy=auto: nothing fits {profile.name}\n{chosen.table()}")
+            callbacks.update({f"strategy.{type(c).__name__}": c for c in chosen.callbacks()})
+            trainer_kwargs.update(chosen.trainer_kwargs())
+    trainer_kwargs["callbacks"] = list(callbacks.values())
     if cfg.trainer.get("default_root_dir") is None:
         trainer_kwargs["default_root_dir"] = _run_dir()
     trainer = _instantiate(cfg.trainer, "trainer", **trainer_kwargs)
-    return {"profile": profile, "model": model, "data": data, "callbacks": callbacks, "trainer": trainer}
+    return {
+        "profile": profile,
+        "model": model,
+        "data": data,
+        "callbacks": callbacks,
+        "trainer": trainer,
+        "plan": chosen,
+    }
+
+
+def _plan(model: L.LightningModule, data: Any, profile: GPUProfile, margin: float) -> Any:
+    from lightning_lowvram.plan import plan
+
+    if profile.usable_bytes is None:
+        raise ConfigError(f"gpu={profile.name!r} has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
+    if not isinstance(data, L.LightningDataModule):
+        raise ConfigError("planning needs data._target_ to be a LightningDataModule (its first training batch)")
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    try:
+        return plan(model, batch, profile, margin=margin)
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
 
 
 def _run_dir() -> str:
@@ -101,9 +136,11 @@ def _gpu_memory(profile: GPUProfile, trainer: L.Trainer, emulate: bool) -> Itera
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run ``cfg.command`` (``fit``) and return the summary as a dict (also printed)."""
+    """Run ``cfg.command`` (``fit`` or ``plan``) and return the summary as a dict (also printed)."""
     L.seed_everything(cfg.seed, workers=True)
     parts = build(cfg)
+    if cfg.command == "plan":
+        return _print_plan(parts["plan"])
     trainer, model, data = parts["trainer"], parts["model"], parts["data"]
     if isinstance(data, L.LightningDataModule):
         # datasets live in host memory: build them before an emulated device budget starts counting
@@ -118,6 +155,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = _summary(cfg, parts, gpu_line, metrics)
     print(format_summary(summary))
     return summary
+
+
+def _print_plan(chosen: Any) -> dict[str, Any]:
+    from lightning_lowvram.plan import chart
+
+    path = chart(chosen, os.path.join(_run_dir(), "plan.png"))
+    print(chosen.table())
+    if chosen.chosen is not None:
+        print("  apply it: lowvram fit strategy=auto gpu=... , or these overrides: " + " ".join(chosen.overrides()))
+    print(f"  chart: {path}")
+    return {"plan": chosen, "chart": path}
 
 
 def _can_test(model: L.LightningModule, data: Any) -> bool:

@@ -196,3 +196,28 @@ def test_quant_strategy_prints_the_float_vs_int8_table(tmp_path, capsys):
     out = capsys.readouterr().out
     summary_text = out[out.index("lowvram summary") :]
     assert "float vs int8 (test)" in summary_text and "test/acc" in summary_text and "linear_bytes" in summary_text
+
+
+SHARED_CARD = ["gpu=gtx1660_6gb", "gpu.free_gib=0.003", "+data.batch_size=1024", "+model.hidden=512", "+model.depth=1"]
+
+
+def test_plan_prints_the_plan_and_writes_a_chart(tmp_path, capsys):
+    result = run(_cfg("command=plan", *SHARED_CARD, f"trainer.default_root_dir={tmp_path}"))
+    out = capsys.readouterr().out
+    assert "plan for gtx1660_6gb" in out and "->" in out and "apply it: lowvram fit strategy=auto" in out
+    assert result["plan"].chosen.micro_batch_size < 1024
+    assert open(result["chart"], "rb").read(4) == b"\x89PNG"
+
+
+def test_strategy_auto_applies_the_plan_and_trains_under_the_emulated_card(tmp_path):
+    summary = run(
+        _cfg("strategy=auto", *SHARED_CARD, "trainer.limit_train_batches=1", f"trainer.default_root_dir={tmp_path}")
+    )
+    assert summary["effective_batch"] == 1024
+    assert any(line.startswith("AutoMicroBatchCallback (micro-batch train ") for line in summary["strategies"])
+    assert all("0 OOM retries" in line for line in summary["strategies"] if line.startswith("AutoMicroBatch"))
+
+
+def test_plan_needs_a_card():
+    with pytest.raises(ConfigError, match="gpu='cpu' has no memory size to plan for"):
+        build(_cfg("command=plan", "gpu=cpu"))
