@@ -44,6 +44,8 @@ class MemoryEstimate:
         allowance: Bytes outside tensors added for the target (CUDA context and workspaces).
         device: ``"cpu"`` or ``"cuda"``: whose allocation rules were applied.
         gpu: The GPU profile's name, if one was given.
+        method: ``"fake"`` (traced on fake tensors) or ``"measured"`` (a step fake tensors cannot trace, run for real on
+            this machine's CPU and metered).
 
     """
 
@@ -53,6 +55,7 @@ class MemoryEstimate:
     allowance: int
     device: str
     gpu: str | None = None
+    method: str = "fake"
 
     def fits(self, budget: int, margin: float = 0.1) -> bool:
         """Whether the peak stays below ``budget`` with a ``margin`` (fraction of the budget) to spare."""
@@ -110,16 +113,53 @@ def estimate_step_memory(
     micro = min(micro_batch_size or n, n)
     micro_batches = [slice_batch(batch, 0, micro, n)] * min(2, math.ceil(n / micro))
 
-    mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False)
-    with torch._subclasses.fake_tensor.FakeCopyMode(mode):
-        fake = copy.deepcopy(module)
+    try:
+        best, phases = _run(module, micro_batches, precision, optimizer, activation_checkpointing, cuda, fake=True)
+        method = "fake"
+    except _UNTRACEABLE:
+        # an op fake tensors cannot run (data-dependent shapes...): measure the same step for real on this machine
+        best, phases = _run(module, micro_batches, precision, optimizer, activation_checkpointing, cuda, fake=False)
+        method = "measured"
+    allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
+    return MemoryEstimate(
+        peak=best.total + allowance,
+        by_category=dict(best.by_category),
+        by_phase=phases,
+        allowance=allowance,
+        device="cuda" if cuda else "cpu",
+        gpu=profile.name if profile is not None else None,
+        method=method,
+    )
+
+
+_UNTRACEABLE = (
+    torch._subclasses.fake_tensor.DynamicOutputShapeException,
+    torch._subclasses.fake_tensor.DataDependentOutputException,
+    torch._subclasses.fake_tensor.UnsupportedOperatorException,
+    torch._subclasses.fake_tensor.UnsupportedFakeTensorException,
+)
+
+
+def _run(
+    module: nn.Module,
+    batches: list[Any],
+    precision: str,
+    optimizer: Any,
+    activation_checkpointing: bool,
+    cuda: bool,
+    fake: bool,
+) -> tuple[Any, dict[str, int]]:
+    """Two optimizer steps (each over the micro-batches) of a copy of ``module``, metered per phase."""
+    mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
+    with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
+        copied = copy.deepcopy(module)
     if precision == "bf16-true":
-        fake = fake.to(torch.bfloat16)
+        copied = copied.to(torch.bfloat16)
     if activation_checkpointing:
-        checkpoint_blocks(fake)
-    fake.train()
-    fake.__dict__["log"] = fake.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
-    fakes = [tree_map_only(torch.Tensor, mode.from_tensor, b) for b in micro_batches]
+        checkpoint_blocks(copied)
+    copied.train()
+    copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
+    inputs = [tree_map_only(torch.Tensor, mode.from_tensor, b) for b in batches] if mode else batches
     phases = dict.fromkeys(PHASES, 0)
     best = None  # the meter's stats at the highest peak of any phase
 
@@ -131,40 +171,33 @@ def estimate_step_memory(
             best = stats
         meter.reset_peak()
 
-    with mode, _cuda_rounding(cuda):
-        opt = _optimizer(fake, optimizer)
+    with mode or contextlib.nullcontext(), _cuda_rounding(cuda):
+        opt = _optimizer(copied, optimizer)
         if cuda:
             for group in opt.param_groups:
                 if "foreach" in group:
                     group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
-        with MemoryMeter(fake, opt) as meter:
+        with MemoryMeter(copied, opt) as meter:
             for _ in range(2):
-                for fake_batch in fakes:
+                for batch in inputs:
                     meter.reset_peak()
                     with _autocast(precision):
-                        loss = _loss(fake, fake_batch)
+                        loss = _loss(copied, batch)
                     record("forward")
-                    (loss / len(fakes)).backward()
+                    (loss / len(inputs)).backward()
                     del loss
                     record("backward")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 record("optimizer")
-    assert best is not None
-    allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
-    return MemoryEstimate(
-        peak=best.total + allowance,
-        by_category=dict(best.by_category),
-        by_phase=phases,
-        allowance=allowance,
-        device="cuda" if cuda else "cpu",
-        gpu=profile.name if profile is not None else None,
-    )
+    return best, phases
 
 
 def _loss(module: nn.Module, batch: Any) -> torch.Tensor:
     try:
         output = module.training_step(batch, 0)
+    except _UNTRACEABLE:
+        raise
     except (RuntimeError, TypeError, ValueError, IndexError) as err:
         raise ValueError(
             f"the example batch does not fit {type(module).__name__}.training_step: {str(err).splitlines()[0]}"

@@ -84,3 +84,18 @@ def test_bad_arguments(kwargs, error, match):
 def test_a_batch_that_does_not_match_the_module_is_a_clear_error():
     with pytest.raises(ValueError, match="the example batch does not fit DigitsMLP.training_step"):
         estimate_step_memory(DigitsMLP(hidden=16), (torch.zeros(8, 32), torch.zeros(8, dtype=torch.long)))
+
+
+class DataDependent(DigitsMLP):
+    """A step whose shapes depend on values (boolean indexing): fake tensors cannot trace it."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        keep = x[:, 0] >= 0  # data-dependent number of rows
+        return torch.nn.functional.cross_entropy(self(x[keep]), y[keep])
+
+
+def test_a_step_fake_tensors_cannot_trace_is_measured_for_real():
+    estimate = estimate_step_memory(DataDependent(hidden=32), (torch.rand(16, 64), torch.zeros(16, dtype=torch.long)))
+    assert estimate.method == "measured" and estimate.by_category["parameters"] > 0
+    assert estimate_step_memory(DigitsMLP(hidden=32), _digits_batch()).method == "fake"

@@ -1,0 +1,67 @@
+"""Compare ``estimate_step_memory`` (CUDA rules) with ``torch.cuda.max_memory_allocated`` on a real GPU.
+
+For the demo models at several micro-batch sizes, fp32 and bf16 autocast: the same two training steps run for real on
+the GPU (allocator peak) and on fake tensors (estimate without the context allowance). Goal: within 10 %.
+Needs CUDA; on a machine without it, it says so and exits. Not yet run: no GPU was lent to the task that wrote it.
+
+Run: ``python -m benchmarks.gpu_validate_estimate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+
+from lightning_lowvram.demo import DigitsMLP, TinyGPT
+from lightning_lowvram.planner import _autocast, _optimizer, estimate_step_memory
+
+
+def measured(module: torch.nn.Module, batch: tuple[torch.Tensor, ...], precision: str) -> int:
+    model = copy.deepcopy(module).cuda().train()
+    model.__dict__["log"] = lambda *args, **kwargs: None
+    batch = tuple(t.cuda() for t in batch)
+    opt = _optimizer(model, None)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = model.training_step(batch, 0)
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base + sum(p.nbytes for p in model.parameters())
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        print("gpu_validate_estimate: needs a CUDA device; this machine has none")
+        sys.exit(0)
+    assert _autocast  # the estimator's autocast mirrors the one above
+    cases = {
+        "digits_mlp": (DigitsMLP(hidden=1024, depth=3), lambda n: (torch.randn(n, 64), torch.randint(0, 10, (n,)))),
+        "tiny_gpt": (
+            TinyGPT(seq_len=256, d_model=256, n_head=8, n_layer=4),
+            lambda n: (torch.randint(0, 256, (n, 256)), torch.randint(0, 256, (n, 256))),
+        ),
+    }
+    print("| model | batch | precision | estimate (MiB) | measured (MiB) | estimate/measured |")
+    print("|---|---|---|---|---|---|")
+    for name, (module, make) in cases.items():
+        for n in (4, 16, 64):
+            for precision in ("32-true", "bf16-mixed"):
+                batch = make(n)
+                estimate = estimate_step_memory(module, batch, precision=precision, device="cuda")
+                real = measured(module, batch, precision)
+                print(
+                    f"| {name} | {n} | {precision} | {estimate.peak / 2**20:.1f} | {real / 2**20:.1f} | "
+                    f"{estimate.peak / real:.3f} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
