@@ -516,3 +516,25 @@ def test_slice_fn_splits_a_batch_type_the_library_does_not_know():
     micro = AutoMicroBatchCallback(micro_batch_size=50, slice_fn=slice_fn)
     quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[micro]).fit(PackedNet(), datamodule=data)
     assert sizes == [50, 50, 28] * 2
+
+
+def test_list_state_metrics_are_rolled_back_on_retry(peaks):
+    """A torchmetrics metric that keeps every prediction (a list state) counts each sample once after retries."""
+
+    class Collects(WideNet):
+        def __init__(self):
+            super().__init__()
+            self.collected = torchmetrics.CatMetric()
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.collected.update(torch.ones(len(x)))
+            self.log("val/loss", F.cross_entropy(self(x), y))
+
+    L.seed_everything(0)
+    model, data = Collects(), DigitsDataModule(batch_size=BATCH, dtype="float64")
+    data.setup("fit")
+    micro = AutoMicroBatchCallback(micro_batch_size=32)
+    with memory_budget(_between(peaks, 4, 8), device="cpu"):
+        quiet_trainer(callbacks=[micro]).validate(model, datamodule=data, verbose=False)
+    assert micro.oom_retries > 0 and len(model.collected.compute()) == len(data.splits["val"])
