@@ -221,3 +221,12 @@ def test_strategy_auto_applies_the_plan_and_trains_under_the_emulated_card(tmp_p
 def test_plan_needs_a_card():
     with pytest.raises(ConfigError, match="gpu='cpu' has no memory size to plan for"):
         build(_cfg("command=plan", "gpu=cpu"))
+
+
+def test_the_plans_hydra_overrides_compose_into_the_same_callbacks(tmp_path):
+    result = run(_cfg("command=plan", *SHARED_CARD, f"trainer.default_root_dir={tmp_path}"))
+    chosen = result["plan"].chosen
+    parts = build(_cfg(*SHARED_CARD, *result["plan"].overrides(), f"trainer.default_root_dir={tmp_path}"))
+    [micro] = [c for c in parts["callbacks"].values() if type(c).__name__ == "AutoMicroBatchCallback"]
+    assert micro.sizes["train"] == chosen.micro_batch_size
+    assert parts["trainer"].precision == chosen.precision
