@@ -5,7 +5,8 @@ numbers): each halving of the micro-batch adds 3 % (bert-large: batch 1 x 4 ran 
 is charged 5 % although it is usually faster on GPUs, because it changes the numerics and fp32 is kept when a split
 suffices; activation checkpointing of repeated blocks adds about one forward pass (33 %). For each precision x
 checkpointing choice the largest micro-batch that fits is found by bisection over halvings, and the cheapest fitting
-candidate wins. Not searched yet: 8-bit optimizer state, int8 frozen bases (DynamicQuantCallback(freeze_base=True)).
+candidate wins. 8-bit optimizer state (torchao, Adam/AdamW only) is charged 5 % and modelled from the same trace.
+Not searched yet: int8 frozen bases (DynamicQuantCallback(freeze_base=True)).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from torch import nn
 
 from lightning_lowvram.batching import batch_size_of
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
-from lightning_lowvram.planner import MemoryEstimate, estimate_step_memory
+from lightning_lowvram.planner import MemoryEstimate, adam_optimizer, estimate_step_memory, with_8bit_optimizer
 
-COST = {"micro_batch_halving": 0.03, "mixed_precision": 0.05, "activation_checkpointing": 0.33}
+COST = {"micro_batch_halving": 0.03, "mixed_precision": 0.05, "optimizer_8bit": 0.05, "activation_checkpointing": 0.33}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Candidate:
     precision: str
     micro_batch_size: int
     activation_checkpointing: bool
+    optimizer_8bit: bool
     estimate: MemoryEstimate
     fits: bool
     cost: float
@@ -37,6 +39,7 @@ class Candidate:
     @property
     def label(self) -> str:
         parts = [self.precision, f"micro-batch {self.micro_batch_size}"]
+        parts += ["8-bit optimizer"] if self.optimizer_8bit else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
         return ", ".join(parts)
 
@@ -79,7 +82,11 @@ class Plan:
 
     def callbacks(self) -> list[Any]:
         """Callbacks of the chosen setting (micro-batching keeps the effective batch)."""
-        from lightning_lowvram.callbacks import ActivationCheckpointingCallback, AutoMicroBatchCallback
+        from lightning_lowvram.callbacks import (
+            ActivationCheckpointingCallback,
+            AutoMicroBatchCallback,
+            EightBitOptimizerCallback,
+        )
 
         if self.chosen is None:
             return []
@@ -88,6 +95,8 @@ class Plan:
             out.append(AutoMicroBatchCallback(micro_batch_size=self.chosen.micro_batch_size))
         if self.chosen.activation_checkpointing:
             out.append(ActivationCheckpointingCallback())
+        if self.chosen.optimizer_8bit:
+            out.append(EightBitOptimizerCallback())
         return out
 
     def overrides(self) -> list[str]:
@@ -97,6 +106,7 @@ class Plan:
         nodes = ["lowvram_memory_report"]
         nodes += ["lowvram_auto_micro_batch"] if self.chosen.micro_batch_size < self.batch_size else []
         nodes += ["lowvram_activation_checkpointing"] if self.chosen.activation_checkpointing else []
+        nodes += ["lowvram_optimizer_8bit"] if self.chosen.optimizer_8bit else []
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
         if "lowvram_auto_micro_batch" in nodes:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
@@ -128,25 +138,31 @@ def plan(module: nn.Module, batch: Any, gpu: str | GPUProfile, *, margin: float 
     checkpointing = [False, True] if _has_blocks(module) else [False]
     candidates: list[Candidate] = []
 
-    def candidate(precision: str, micro: int, ckpt: bool) -> Candidate:
-        estimate = estimate_step_memory(
-            module, batch, micro_batch_size=micro, precision=precision, activation_checkpointing=ckpt, gpu=profile
-        )
+    eight_bit = [False, True] if adam_optimizer(module) is not None else [False]
+
+    def candidate(precision: str, micro: int, ckpt: bool, optim8: bool) -> Candidate:
+        key = (precision, micro, ckpt)
+        if key not in traced:  # one trace serves both optimizer variants: 8-bit state is modelled from it
+            traced[key] = estimate_step_memory(
+                module, batch, micro_batch_size=micro, precision=precision, activation_checkpointing=ckpt, gpu=profile
+            )
+        estimate = with_8bit_optimizer(traced[key], module) if optim8 else traced[key]
         cost = COST["micro_batch_halving"] * math.log2(n / micro) + (COST["activation_checkpointing"] if ckpt else 0)
-        cost += COST["mixed_precision"] if precision != "32-true" else 0
-        found = Candidate(
-            precision, micro, ckpt, estimate, estimate.peak - estimate.allowance <= budget, round(cost, 4)
-        )
+        cost += (COST["mixed_precision"] if precision != "32-true" else 0) + (COST["optimizer_8bit"] if optim8 else 0)
+        fits = estimate.peak - estimate.allowance <= budget
+        found = Candidate(precision, micro, ckpt, optim8, estimate, fits, round(cost, 4))
         candidates.append(found)
         return found
 
+    traced: dict[tuple[str, int, bool], MemoryEstimate] = {}
     best: Candidate | None = None
     for precision in precisions:
         for ckpt in checkpointing:
-            sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
-            fit = _largest_fit(sizes, lambda m, p=precision, c=ckpt: candidate(p, m, c))
-            if fit is not None and (best is None or fit.cost < best.cost):
-                best = fit
+            for optim8 in eight_bit:
+                sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
+                fit = _largest_fit(sizes, lambda m, p=precision, c=ckpt, o=optim8: candidate(p, m, c, o))
+                if fit is not None and (best is None or fit.cost < best.cost):
+                    best = fit
     ordered = sorted(candidates, key=lambda c: (c.cost, c.estimate.peak))
     return Plan(profile, n, budget, ordered, best)
 

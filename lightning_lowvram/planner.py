@@ -75,6 +75,7 @@ def estimate_step_memory(
     precision: Precision = "32-true",
     optimizer: torch.optim.Optimizer | None = None,
     activation_checkpointing: bool = False,
+    optimizer_8bit: bool = False,
     gpu: str | GPUProfile | None = None,
     device: Literal["cpu", "cuda"] | None = None,
 ) -> MemoryEstimate:
@@ -89,6 +90,8 @@ def estimate_step_memory(
         optimizer: Ignored when ``None`` (the module's ``configure_optimizers`` is used); else an optimizer *class*
             or factory ``f(params) -> Optimizer``.
         activation_checkpointing: Checkpoint repeated blocks (as ActivationCheckpointingCallback does).
+        optimizer_8bit: Adam/AdamW state in 8 bits (as EightBitOptimizerCallback does). *Modelled*, not traced: the
+            traced float32 moments are replaced by torchao's layout, byte for byte (tested against torchao on CPU).
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
 
@@ -121,7 +124,7 @@ def estimate_step_memory(
         best, phases = _run(module, micro_batches, precision, optimizer, activation_checkpointing, cuda, fake=False)
         method = "measured"
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         peak=best.total + allowance,
         by_category=dict(best.by_category),
         by_phase=phases,
@@ -130,6 +133,34 @@ def estimate_step_memory(
         gpu=profile.name if profile is not None else None,
         method=method,
     )
+    return with_8bit_optimizer(estimate, module, optimizer) if optimizer_8bit else estimate
+
+
+def adam_optimizer(module: nn.Module, optimizer: Any = None) -> torch.optim.Optimizer | None:
+    """The module's optimizer if it is Adam/AdamW (what 8-bit state applies to), else ``None``."""
+    opt = _optimizer(module, optimizer)
+    return opt if type(opt) in (torch.optim.Adam, torch.optim.AdamW) else None
+
+
+def with_8bit_optimizer(estimate: MemoryEstimate, module: nn.Module, optimizer: Any = None) -> MemoryEstimate:
+    """The same estimate with Adam's float32 moments replaced by torchao's 8-bit layout (modelled, byte for byte).
+
+    Raises:
+        ValueError: If the module's optimizer is not Adam/AdamW.
+
+    """
+    from lightning_lowvram.optim import adam_state_bytes
+
+    opt = _optimizer(module, optimizer)
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
+        raise ValueError(f"optimizer_8bit needs Adam or AdamW, the module's optimizer is {type(opt).__name__}")
+    params = [p for group in opt.param_groups for p in group["params"]]
+    fp32, eight = adam_state_bytes(params, eight_bit=False), adam_state_bytes(params, eight_bit=True)
+    by_category = dict(estimate.by_category)
+    if by_category["optimizer"] < fp32:  # the moments were not live at the peak
+        return estimate
+    by_category["optimizer"] += eight - fp32  # the step's temporaries stay as traced
+    return dataclasses.replace(estimate, peak=estimate.peak + eight - fp32, by_category=by_category)
 
 
 _UNTRACEABLE = (

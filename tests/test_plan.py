@@ -67,3 +67,16 @@ def test_bad_input():
         plan(DigitsMLP(), batch, "cpu")
     with pytest.raises(ValueError, match="margin must be in"):
         plan(DigitsMLP(), batch, "rtx3060_12gb", margin=1.5)
+
+
+def test_when_optimizer_state_dominates_the_plan_takes_8bit_state():
+    from lightning_lowvram import EightBitOptimizerCallback
+
+    batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
+    model = DigitsMLP(hidden=2048, depth=3)  # 8.5M parameters, tiny activations: micro-batching cannot help
+    plain = estimate_step_memory(model, batch, device="cuda")
+    eight = estimate_step_memory(model, batch, device="cuda", optimizer_8bit=True)
+    result = plan(model, batch, _card((plain.peak + eight.peak) / 2 / 0.9 / 2**30))
+    assert result.chosen is not None and result.chosen.optimizer_8bit and "8-bit optimizer" in result.chosen.label
+    assert any(isinstance(c, EightBitOptimizerCallback) for c in result.callbacks())
+    assert "lowvram_optimizer_8bit" in result.overrides()[1]

@@ -99,3 +99,15 @@ def test_a_step_fake_tensors_cannot_trace_is_measured_for_real():
     estimate = estimate_step_memory(DataDependent(hidden=32), (torch.rand(16, 64), torch.zeros(16, dtype=torch.long)))
     assert estimate.method == "measured" and estimate.by_category["parameters"] > 0
     assert estimate_step_memory(DigitsMLP(hidden=32), _digits_batch()).method == "fake"
+
+
+def test_8bit_optimizer_state_is_modelled_as_torchao_stores_it():
+    from lightning_lowvram.optim import adam_state_bytes
+
+    model = DigitsMLP(hidden=512)
+    plain = estimate_step_memory(model, _digits_batch())
+    eight = estimate_step_memory(model, _digits_batch(), optimizer_8bit=True)
+    fp32, eight_bit = (adam_state_bytes(model.parameters(), eight_bit=b) for b in (False, True))
+    assert plain.by_category["optimizer"] >= fp32  # the moments plus the step's temporaries
+    assert plain.by_category["optimizer"] - eight.by_category["optimizer"] == fp32 - eight_bit
+    assert plain.peak - eight.peak == fp32 - eight_bit > 0
