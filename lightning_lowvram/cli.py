@@ -80,7 +80,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     chosen = None
     auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
     if cfg.command == "plan" or auto:
-        chosen = _plan(model, data, profile, float(cfg.strategy.get("margin", 0.1)))
+        margin, allow_int8 = float(cfg.strategy.get("margin", 0.1)), bool(cfg.strategy.get("allow_int8_base", False))
+        chosen = _plan(model, data, profile, margin, allow_int8)
         if cfg.command == "fit":
             if chosen.chosen is None:
                 raise ConfigError(f"strategy=auto: nothing fits {profile.name}\n{chosen.table()}")
@@ -100,7 +101,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _plan(model: L.LightningModule, data: Any, profile: GPUProfile, margin: float) -> Any:
+def _plan(model: L.LightningModule, data: Any, profile: GPUProfile, margin: float, allow_int8_base: bool) -> Any:
     from lightning_lowvram.plan import plan
 
     if profile.usable_bytes is None:
@@ -111,7 +112,7 @@ def _plan(model: L.LightningModule, data: Any, profile: GPUProfile, margin: floa
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     try:
-        return plan(model, batch, profile, margin=margin)
+        return plan(model, batch, profile, margin=margin, allow_int8_base=allow_int8_base)
     except ValueError as err:
         raise ConfigError(str(err).splitlines()[0]) from err
 

@@ -5,13 +5,15 @@ numbers): each halving of the micro-batch adds 3 % (bert-large: batch 1 x 4 ran 
 is charged 5 % although it is usually faster on GPUs, because it changes the numerics and fp32 is kept when a split
 suffices; activation checkpointing of repeated blocks adds about one forward pass (33 %). For each precision x
 checkpointing choice the largest micro-batch that fits is found by bisection over halvings, and the cheapest fitting
-candidate wins. 8-bit optimizer state (torchao, Adam/AdamW only) is charged 5 % and modelled from the same trace.
-Not searched yet: int8 frozen bases (DynamicQuantCallback(freeze_base=True)).
+candidate wins. 8-bit optimizer state (torchao, Adam/AdamW only; 5 %) and, when allowed, an int8 weight-only frozen
+base (frozen Linear layers; 10 %) are modelled from the same trace: their bytes replace the traced float bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from typing import Any
 
@@ -21,7 +23,13 @@ from lightning_lowvram.batching import batch_size_of
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
 from lightning_lowvram.planner import MemoryEstimate, adam_optimizer, estimate_step_memory, with_8bit_optimizer
 
-COST = {"micro_batch_halving": 0.03, "mixed_precision": 0.05, "optimizer_8bit": 0.05, "activation_checkpointing": 0.33}
+COST = {
+    "micro_batch_halving": 0.03,
+    "mixed_precision": 0.05,
+    "optimizer_8bit": 0.05,
+    "int8_frozen_base": 0.10,
+    "activation_checkpointing": 0.33,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +40,7 @@ class Candidate:
     micro_batch_size: int
     activation_checkpointing: bool
     optimizer_8bit: bool
+    int8_base: bool
     estimate: MemoryEstimate
     fits: bool
     cost: float
@@ -40,6 +49,7 @@ class Candidate:
     def label(self) -> str:
         parts = [self.precision, f"micro-batch {self.micro_batch_size}"]
         parts += ["8-bit optimizer"] if self.optimizer_8bit else []
+        parts += ["int8 frozen base"] if self.int8_base else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
         return ", ".join(parts)
 
@@ -85,6 +95,7 @@ class Plan:
         from lightning_lowvram.callbacks import (
             ActivationCheckpointingCallback,
             AutoMicroBatchCallback,
+            DynamicQuantCallback,
             EightBitOptimizerCallback,
         )
 
@@ -97,6 +108,8 @@ class Plan:
             out.append(ActivationCheckpointingCallback())
         if self.chosen.optimizer_8bit:
             out.append(EightBitOptimizerCallback())
+        if self.chosen.int8_base:
+            out.append(DynamicQuantCallback(stages=[], freeze_base=True))
         return out
 
     def overrides(self) -> list[str]:
@@ -107,14 +120,22 @@ class Plan:
         nodes += ["lowvram_auto_micro_batch"] if self.chosen.micro_batch_size < self.batch_size else []
         nodes += ["lowvram_activation_checkpointing"] if self.chosen.activation_checkpointing else []
         nodes += ["lowvram_optimizer_8bit"] if self.chosen.optimizer_8bit else []
+        nodes += ["lowvram_dynamic_quant"] if self.chosen.int8_base else []
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
         if "lowvram_auto_micro_batch" in nodes:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
+        if self.chosen.int8_base:
+            out += ["callbacks.lowvram_dynamic_quant.freeze_base=true", "callbacks.lowvram_dynamic_quant.stages=[]"]
         return out
 
 
-def plan(module: nn.Module, batch: Any, gpu: str | GPUProfile, *, margin: float = 0.1) -> Plan:
+def plan(
+    module: nn.Module, batch: Any, gpu: str | GPUProfile, *, margin: float = 0.1, allow_int8_base: bool = False
+) -> Plan:
     """Choose the cheapest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
+
+    ``allow_int8_base``: frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
+    ``DynamicQuantCallback(freeze_base=True)`` does; off by default because it changes the base's numerics.
 
     Raises:
         ValueError: For an unknown GPU, a profile without memory (``cpu``), or a margin outside [0, 1).
@@ -139,30 +160,34 @@ def plan(module: nn.Module, batch: Any, gpu: str | GPUProfile, *, margin: float 
     candidates: list[Candidate] = []
 
     eight_bit = [False, True] if adam_optimizer(module) is not None else [False]
+    base_saving = _int8_base_saving(module) if allow_int8_base else 0
+    int8_base = [False, True] if base_saving > 0 else [False]
 
-    def candidate(precision: str, micro: int, ckpt: bool, optim8: bool) -> Candidate:
+    def candidate(precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool) -> Candidate:
         key = (precision, micro, ckpt)
-        if key not in traced:  # one trace serves both optimizer variants: 8-bit state is modelled from it
+        if key not in traced:  # one trace serves every modelled variant (8-bit state, int8 base)
             traced[key] = estimate_step_memory(
                 module, batch, micro_batch_size=micro, precision=precision, activation_checkpointing=ckpt, gpu=profile
             )
         estimate = with_8bit_optimizer(traced[key], module) if optim8 else traced[key]
+        if base8:
+            by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - base_saving}
+            estimate = dataclasses.replace(estimate, peak=estimate.peak - base_saving, by_category=by_category)
         cost = COST["micro_batch_halving"] * math.log2(n / micro) + (COST["activation_checkpointing"] if ckpt else 0)
         cost += (COST["mixed_precision"] if precision != "32-true" else 0) + (COST["optimizer_8bit"] if optim8 else 0)
+        cost += COST["int8_frozen_base"] if base8 else 0
         fits = estimate.peak - estimate.allowance <= budget
-        found = Candidate(precision, micro, ckpt, optim8, estimate, fits, round(cost, 4))
+        found = Candidate(precision, micro, ckpt, optim8, base8, estimate, fits, round(cost, 4))
         candidates.append(found)
         return found
 
     traced: dict[tuple[str, int, bool], MemoryEstimate] = {}
     best: Candidate | None = None
-    for precision in precisions:
-        for ckpt in checkpointing:
-            for optim8 in eight_bit:
-                sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
-                fit = _largest_fit(sizes, lambda m, p=precision, c=ckpt, o=optim8: candidate(p, m, c, o))
-                if fit is not None and (best is None or fit.cost < best.cost):
-                    best = fit
+    sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
+    for precision, ckpt, optim8, base8 in itertools.product(precisions, checkpointing, eight_bit, int8_base):
+        fit = _largest_fit(sizes, functools.partial(candidate, precision, ckpt=ckpt, optim8=optim8, base8=base8))
+        if fit is not None and (best is None or fit.cost < best.cost):
+            best = fit
     ordered = sorted(candidates, key=lambda c: (c.cost, c.estimate.peak))
     return Plan(profile, n, budget, ordered, best)
 
@@ -211,6 +236,18 @@ def _largest_fit(sizes: list[int], run: Any) -> Candidate | None:
         else:
             lo = mid
     return found
+
+
+def _int8_base_saving(module: nn.Module) -> int:
+    """Bytes saved by storing the frozen Linear layers int8 weight-only (measured on a quantized copy of them)."""
+    from lightning_lowvram.quantization import is_linear, linear_bytes, quantize_dynamic_int8
+
+    frozen = [m for m in module.modules() if is_linear(m) and not any(p.requires_grad for p in m.parameters())]
+    if not frozen:
+        return 0
+    box = nn.ModuleList(frozen)
+    int8 = quantize_dynamic_int8(box, "torchao_weight_only", device="cpu")
+    return linear_bytes(box) - linear_bytes(int8)
 
 
 def _has_blocks(module: nn.Module) -> bool:

@@ -80,3 +80,17 @@ def test_when_optimizer_state_dominates_the_plan_takes_8bit_state():
     assert result.chosen is not None and result.chosen.optimizer_8bit and "8-bit optimizer" in result.chosen.label
     assert any(isinstance(c, EightBitOptimizerCallback) for c in result.callbacks())
     assert "lowvram_optimizer_8bit" in result.overrides()[1]
+
+
+def test_an_int8_frozen_base_only_when_allowed():
+    from lightning_lowvram import DynamicQuantCallback
+    from tests.callbacks.test_dynamic_quant import FrozenBase
+
+    batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
+    model = FrozenBase()
+    plain = estimate_step_memory(model, batch, device="cuda")
+    card = _card(plain.peak / 2**30)  # with the 10 % margin, the plain step does not fit; micro-batches cannot help
+    assert plan(model, batch, card).chosen is None
+    allowed = plan(model, batch, card, allow_int8_base=True)
+    assert allowed.chosen is not None and allowed.chosen.int8_base
+    assert any(isinstance(c, DynamicQuantCallback) and c.freeze_base for c in allowed.callbacks())
