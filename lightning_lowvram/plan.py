@@ -69,13 +69,13 @@ class Plan:
         lines = [
             f"plan for {self.gpu.name}: tensors must stay under {format_bytes(self.budget)} (the card minus its "
             f"context, with margin); batch {self.batch_size} kept",
-            f"  {'':2}{'setting':48} {'tensor peak':>15} {'fits':>5} {'extra time':>10}",
+            f"  {'':2}{'setting':60} {'tensor peak':>15} {'fits':>5} {'extra time':>10}",
         ]
         for c in self.candidates:
             mark = "->" if c is self.chosen else ""
             fits = "yes" if c.fits else "no"
             peak = format_bytes(c.estimate.peak - c.estimate.allowance)
-            lines.append(f"  {mark:2}{c.label:48} {peak:>15} {fits:>5} {c.cost:>9.0%}")
+            lines.append(f"  {mark:2}{c.label:60} {peak:>15} {fits:>5} {c.cost:>9.0%}")
         if self.chosen is None:
             smallest = min(self.candidates, key=lambda c: c.estimate.peak)
             need = format_bytes(int(smallest.estimate.peak / (self.budget / self.gpu.usable_bytes)))
