@@ -15,7 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 from unittest import mock
 
@@ -73,7 +73,7 @@ def estimate_step_memory(
     *,
     micro_batch_size: int | None = None,
     precision: Precision = "32-true",
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     activation_checkpointing: bool = False,
     optimizer_8bit: bool = False,
     gpu: str | GPUProfile | None = None,
@@ -87,8 +87,8 @@ def estimate_step_memory(
         batch: An example batch (tensors, tuples, dicts...) as the dataloader yields it.
         micro_batch_size: Split the batch as AutoMicroBatchCallback would; ``None``: the whole batch.
         precision: ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"`` (autocast) or ``"bf16-true"`` (bf16 weights).
-        optimizer: Ignored when ``None`` (the module's ``configure_optimizers`` is used); else an optimizer *class*
-            or factory ``f(params) -> Optimizer``.
+        optimizer: An optimizer class or factory ``f(params) -> Optimizer``; ``None``: the module's
+            ``configure_optimizers``.
         activation_checkpointing: Checkpoint repeated blocks (as ActivationCheckpointingCallback does).
         optimizer_8bit: Adam/AdamW state in 8 bits (as EightBitOptimizerCallback does). *Modelled*, not traced: the
             traced float32 moments are replaced by torchao's layout, byte for byte (tested against torchao on CPU).
