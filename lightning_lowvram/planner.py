@@ -4,9 +4,10 @@
 backward and optimizer step (twice, so optimizer state exists; with micro-batches, two accumulate before each step)
 under the project's memory meter, and reports the peak by category and by phase. For ``device="cpu"`` this is the
 CPU run's measurement, byte for byte. For a CUDA card it also emulates what the CUDA allocator and defaults change:
-512-byte allocation rounding, the multi-tensor (``foreach``) optimizer implementation CUDA uses by default, and the
-card's context/workspace allowance (``GPUProfile.context_mib``). Not emulated yet (so not claimed): kernel choices
-that differ between the CPU and CUDA traces, such as fused attention variants.
+512-byte allocation rounding, the multi-tensor (``foreach``) optimizer implementation CUDA uses by default, dropout's
+bool mask (``native_dropout``; the CPU kernel keeps a float mask), and the card's context/workspace allowance
+(``GPUProfile.context_mib``). Not emulated yet (so not claimed): other kernel choices that differ between the CPU and
+CUDA traces, such as fused attention variants. None of this is validated on a GPU yet.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def _run(
             best = stats
         meter.reset_peak()
 
-    with mode or contextlib.nullcontext(), _cuda_rounding(cuda):
+    with mode or contextlib.nullcontext(), _cuda_rounding(cuda), _CudaDropout() if cuda else contextlib.nullcontext():
         opt = _optimizer(copied, optimizer)
         if cuda:
             for group in opt.param_groups:
@@ -259,6 +260,18 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         return torch.autocast("cpu", dtype=dtype)
     return contextlib.nullcontext()
+
+
+class _CudaDropout(torch.overrides.TorchFunctionMode):
+    """Dropout as CUDA runs it: ``native_dropout`` keeps a bool mask for backward (the CPU kernel: a float one)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            params = dict(zip(("input", "p", "training", "inplace"), args, strict=False)) | kwargs
+            if params.get("training", True) and params.get("p", 0.5) > 0:
+                return torch.native_dropout(params["input"], params.get("p", 0.5), True)[0]
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager

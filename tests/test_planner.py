@@ -111,3 +111,23 @@ def test_8bit_optimizer_state_is_modelled_as_torchao_stores_it():
     assert plain.by_category["optimizer"] >= fp32  # the moments plus the step's temporaries
     assert plain.by_category["optimizer"] - eight.by_category["optimizer"] == fp32 - eight_bit
     assert plain.peak - eight.peak == fp32 - eight_bit > 0
+
+
+def test_cuda_rules_keep_dropout_masks_as_bool():
+    class WithDropout(DigitsMLP):
+        def __init__(self):
+            super().__init__(hidden=1024)
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.net[2](self.drop(self.net[1](self.net[0](x))))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)  # no optimizer temporaries to tell apart
+
+    batch = (torch.zeros(256, 64), torch.zeros(256, dtype=torch.long))
+    cpu = estimate_step_memory(WithDropout(), batch)
+    cuda = estimate_step_memory(WithDropout(), batch, device="cuda")
+    mask_values = 256 * 1024
+    # the forward keeps the mask for backward: float32 on CPU, bool under CUDA rules
+    assert cpu.by_phase["forward"] - cuda.by_phase["forward"] >= 3 * mask_values - 4096, (cpu, cuda)
