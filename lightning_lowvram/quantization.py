@@ -4,10 +4,11 @@ Backends (a registry: name -> (devices, transform, keeps gradients)):
 
 - ``torch_ao``: ``torch.ao.quantization.quantize_dynamic`` (int8 weights, activations quantized per batch at run time);
   CPU only, while torch ships it; the fastest int8 path on CPU (benchmarks/RESULTS.md). Cuts autograd.
-- ``torchao_dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig``; the CUDA path. Cuts autograd; measured 25x
-  *slower* than fp32 on an AVX2 CPU, so never chosen there automatically.
+- ``torchao_dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig``; the CUDA path. Cuts autograd; on CPU it
+  measured 0.71x fp32 latency on a 4 x 1024 MLP but 6.9x on the small digits MLP (benchmarks/RESULTS.md), so it is
+  never chosen there automatically.
 - ``torchao_weight_only``: torchao ``Int8WeightOnlyConfig`` (int8 weights, float activations); CPU and CUDA;
-  gradients flow to the input, so it can hold a frozen base under trainable adapters.
+  gradients flow to the input, so it can hold a frozen base under trainable adapters (slower than fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -86,8 +87,12 @@ def choose_backend(device: str | torch.device, backend: str = "auto") -> str:
 
 
 def is_linear(module: nn.Module, name: str = "") -> bool:
-    """Plain Linear layers (not already quantized)."""
-    return type(module) is nn.Linear or (isinstance(module, nn.Linear) and "NonDynamically" in type(module).__name__)
+    """Plain ``nn.Linear`` layers, not already quantized.
+
+    Subclasses are left alone: ``nn.MultiheadAttention`` reads its ``out_proj`` (a ``Linear`` subclass) weight
+    directly, which is why torch marks it ``NonDynamicallyQuantizableLinear``.
+    """
+    return type(module) is nn.Linear
 
 
 def quantize_dynamic_int8(

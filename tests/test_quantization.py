@@ -43,3 +43,14 @@ def test_gradient_check_tells_which_backends_keep_autograd(backend, flows):
     int8 = quantize_dynamic_int8(nn.Sequential(layer), backend)[0]
     similarity = gradient_check(layer, int8)
     assert (similarity > 0.99) is flows
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "torchao_weight_only"])
+def test_multihead_attention_keeps_its_float_out_proj_and_still_runs(backend):
+    from tests.test_pruning import MHANet
+
+    torch.manual_seed(0)
+    model, x = MHANet().eval(), torch.randint(0, 50, (2, 6))
+    int8 = quantize_dynamic_int8(model, backend)
+    assert quantized_layers(int8) == ["out"]
+    assert torch.allclose(int8(x), model(x), atol=0.1)
