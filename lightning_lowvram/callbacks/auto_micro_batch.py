@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torchmetrics import Metric
 
 from lightning_lowvram.batching import SliceFn, batch_size_of, merge_outputs, micro_batch_bounds, slice_batch
+from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.memory.oom import is_oom_error
 
 Size = int | Literal["auto"]
@@ -98,7 +99,7 @@ class AutoMicroBatchCallback(Callback):
         self.oom_retries = 0
         self.micro_batch_size: int | None = None  # last training micro-batch size used
         self.micro_batches = 0  # micro-batches in the last training batch
-        self._originals: dict[str, Any] = {}
+        self._undo: dict[str, Callable[[], None]] = {}  # patched module methods -> how to put them back
         self._zeroed: tuple[int, int] | None = None
         self._warned_bn = False
         self._ran: set[str] = set()  # kinds that ran through the callback
@@ -118,12 +119,9 @@ class AutoMicroBatchCallback(Callback):
                 self._wrap(pl_module, _EVAL_STEPS[eval_stage], step)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for name, original in self._originals.items():
-            if original is None:
-                pl_module.__dict__.pop(name, None)
-            else:
-                pl_module.__dict__[name] = original
-        self._originals.clear()
+        for undo in reversed(self._undo.values()):
+            undo()
+        self._undo.clear()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int):
         values = {"micro_batch_size": self.micro_batch_size, "micro_batches": self.micro_batches}
@@ -161,16 +159,8 @@ class AutoMicroBatchCallback(Callback):
             )
 
     def _wrap(self, module: L.LightningModule, name: str, replacement: Callable[..., Any]) -> None:
-        if name in self._originals:
-            return
-        self._originals[name] = module.__dict__.get(name)
-        original = getattr(module, name)
-
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return replacement(original, *args, **kwargs)
-
-        module.__dict__[name] = wrapper
+        if name not in self._undo:
+            self._undo[name] = patch_method(module, name, replacement)
 
     # -- training -----------------------------------------------------------------------------------------------
     def _optimizer_zero_grad(self, original: Callable[..., Any], epoch: int, batch_idx: int, optimizer: Any) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_lowvram.batching import batch_size_of
+from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.quantization import (
     BACKENDS,
     choose_backend,
@@ -224,7 +225,7 @@ def _evaluate(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> d
         total[1] += weight
 
     current = {"size": 1}
-    pl_module.__dict__["log"] = log
+    undo = patch_method(pl_module, "log", lambda original, *args, **kwargs: log(*args, **kwargs))
     try:
         with torch.inference_mode():
             for index, loader in enumerate(loaders):
@@ -239,7 +240,7 @@ def _evaluate(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> d
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
     finally:
-        pl_module.__dict__.pop("log", None)
+        undo()
     values: dict[str, Any] = {name: total[0] / max(total[1], 1) for name, total in sums.items()}
     for name, metric in metrics.items():
         values[name] = float(metric.compute())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.optim import to_8bit
 
 
@@ -27,26 +28,23 @@ class EightBitOptimizerCallback(Callback):
     """
 
     def __init__(self) -> None:
-        self._wrapped: L.LightningModule | None = None
+        self._undo: Callable[[], None] | None = None  # puts back the module's own configure_optimizers
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._wrapped is not None:
+        if stage != "fit" or self._undo is not None:
             return
-        original = pl_module.configure_optimizers
 
-        @functools.wraps(original)
-        def configure_optimizers() -> Any:
+        def configure_optimizers(original: Callable[[], Any]) -> Any:
             configured = original()
             mapping = {id(opt): to_8bit(opt) for opt in _walk(configured) if isinstance(opt, torch.optim.Optimizer)}
             return _replace(configured, mapping)
 
-        pl_module.__dict__["configure_optimizers"] = configure_optimizers
-        self._wrapped = pl_module
+        self._undo = patch_method(pl_module, "configure_optimizers", configure_optimizers)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._wrapped is not None:
-            pl_module.__dict__.pop("configure_optimizers", None)
-            self._wrapped = None
+        if stage == "fit" and self._undo is not None:
+            self._undo()
+            self._undo = None
 
 
 def _walk(obj: Any) -> list[Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.pruning import (
     PRUNABLE,
     ROOTS,
@@ -131,7 +131,7 @@ class PruningCallback(Callback):
         self.original_channels: dict[str, int] = {}
         self._layers: dict[str, nn.Module] = {}
         self._hooks: list[Any] = []
-        self._wrapped: Any = None
+        self._undo: Callable[[], None] | None = None  # puts back the module's own on_load_checkpoint
 
     @property
     def state_key(self) -> str:
@@ -181,9 +181,9 @@ class PruningCallback(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_hooks()
-        if self._wrapped is not None:
-            pl_module.__dict__.pop("on_load_checkpoint", None)
-            self._wrapped = None
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -290,20 +290,17 @@ class PruningCallback(Callback):
 
     def _wrap_on_load_checkpoint(self, pl_module: L.LightningModule) -> None:
         """Resuming: re-shape the module from the checkpoint's record before Lightning loads its weights."""
-        if self._wrapped is not None:
+        if self._undo is not None:
             return
-        original = pl_module.on_load_checkpoint
 
-        @functools.wraps(original)
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        def on_load_checkpoint(original: Callable[..., None], checkpoint: dict[str, Any]) -> None:
             state = checkpoint.get("callbacks", {}).get(self.state_key)
             if state:
                 ops = [op for op in state["ops"] if op["event"] not in self.events]  # not already done in setup
                 replay_structure(pl_module, ops, example_from_spec(state["spec"], pl_module.device))
             original(checkpoint)
 
-        pl_module.__dict__["on_load_checkpoint"] = on_load_checkpoint
-        self._wrapped = original
+        self._undo = patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint)
 
 
 def load_pruned(module: nn.Module, checkpoint_path: str | Path) -> nn.Module:
