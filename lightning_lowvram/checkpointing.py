@@ -1,9 +1,9 @@
 """Activation checkpointing of repeated blocks, usable without Lightning.
 
 A checkpointed block keeps only its inputs during the forward pass and recomputes its activations in backward
-(non-reentrant ``torch.utils.checkpoint``): activation memory falls to about one block's worth, for about one extra
-forward pass of compute. Only the block's ``forward`` is replaced (an instance attribute), so parameter names and
-checkpoints are unchanged.
+(non-reentrant ``torch.utils.checkpoint``): the blocks' activations are not kept (tested: under 0.6x of the
+activation bytes on a 4-block GPT), and each block's forward runs twice. Only the block's ``forward`` is replaced (an
+instance attribute), so parameter names and checkpoints are unchanged.
 """
 
 from __future__ import annotations

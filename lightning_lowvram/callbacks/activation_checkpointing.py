@@ -12,13 +12,14 @@ from lightning_lowvram.checkpointing import checkpoint_blocks, uncheckpoint_bloc
 
 
 class ActivationCheckpointingCallback(Callback):
-    """Recompute repeated blocks' activations in backward instead of keeping them (single device or DDP).
+    """Recompute repeated blocks' activations in backward instead of keeping them.
 
     Lightning offers activation checkpointing only inside FSDP/DeepSpeed. Blocks are the repeated children of
     ``ModuleList``/``Sequential`` containers (transformer layers), or the modules named by ``blocks`` (fnmatch
     patterns). Losses and gradients equal the unwrapped run's (non-reentrant ``torch.utils.checkpoint``, RNG state
-    preserved for dropout); activation memory falls to about one block's, for about one more forward pass of compute.
-    Parameter names and checkpoints are unchanged.
+    preserved for dropout); the blocks' activations are not kept (tested: under 0.6x of the activation bytes on a
+    4-block GPT), and each block's forward runs twice. Parameter names and checkpoints are unchanged. Not yet tested
+    under DDP.
 
     The one trap: a block's forward runs twice per step, so side effects in it (counters, prints) happen twice.
 
