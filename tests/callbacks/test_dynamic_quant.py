@@ -1,3 +1,5 @@
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -122,3 +124,15 @@ def test_after_structured_pruning_and_with_eval_micro_batching():
     assert "val/acc" in quant.comparison["validate"]
     assert micro.sizes["test"] == 16 and micro.micro_batch_size is not None
     assert all(type(m) is nn.Linear for m in model.net if not isinstance(m, nn.ReLU))  # float again after each stage
+
+
+def test_a_warning_says_when_int8_was_slower():
+    from types import SimpleNamespace
+
+    quant = DynamicQuantCallback(print_table=False)
+    trainer = SimpleNamespace(loggers=[], global_step=0)
+    with pytest.warns(UserWarning, match=r"int8 \(None\) took 2.00x the float time per test batch"):
+        quant._report(trainer, "test", {"latency_ms": 1.0}, {"latency_ms": 2.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quant._report(trainer, "test", {"latency_ms": 2.0}, {"latency_ms": 1.0})  # faster: no warning
