@@ -1,7 +1,9 @@
 """Compare ``estimate_step_memory`` (CUDA rules) with ``torch.cuda.max_memory_allocated`` on a real GPU.
 
 For the demo models at several micro-batch sizes, fp32 and bf16 autocast: the same two training steps run for real on
-the GPU (allocator peak) and on fake tensors (estimate without the context allowance). Goal: within 10 %.
+the GPU (allocator peak) and on fake tensors under the CUDA rules of *this* card (its compute capability picks the
+attention kernel; the estimate is taken without the context allowance). The GPT runs with and without dropout (with
+dropout a CPU trace would take the math attention path). Goal: within 10 %.
 Needs CUDA; on a machine without it, it says so and exits. Not yet run: no GPU was lent to the task that wrote it.
 
 Run: ``python -m benchmarks.gpu_validate_estimate``.
@@ -10,11 +12,14 @@ Run: ``python -m benchmarks.gpu_validate_estimate``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 
 import torch
 
 from lightning_lowvram.demo import DigitsMLP, TinyGPT
+from lightning_lowvram.memory.cuda_rules import sdpa_backend
+from lightning_lowvram.memory.profiles import detect_gpu
 from lightning_lowvram.planner import _autocast, _optimizer, estimate_step_memory
 
 
@@ -42,20 +47,28 @@ def main() -> None:
         print("gpu_validate_estimate: needs a CUDA device; this machine has none")
         sys.exit(0)
     assert _autocast  # the estimator's autocast mirrors the one above
+    card = dataclasses.replace(detect_gpu(), context_mib=0.0, free_gib=None)  # this card's rules, no allowance
+    print(f"card: {card.display_name}, compute capability {card.compute_capability}\n")
+
+    def text(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, 256, (n, 256)), torch.randint(0, 256, (n, 256))
+
     cases = {
         "digits_mlp": (DigitsMLP(hidden=1024, depth=3), lambda n: (torch.randn(n, 64), torch.randint(0, 10, (n,)))),
-        "tiny_gpt": (
-            TinyGPT(seq_len=256, d_model=256, n_head=8, n_layer=4),
-            lambda n: (torch.randint(0, 256, (n, 256)), torch.randint(0, 256, (n, 256))),
-        ),
+        "tiny_gpt": (TinyGPT(seq_len=256, d_model=256, n_head=8, n_layer=4), text),
+        "tiny_gpt dropout 0.1": (TinyGPT(seq_len=256, d_model=256, n_head=8, n_layer=4, dropout=0.1), text),
     }
-    print("| model | batch | precision | estimate (MiB) | measured (MiB) | estimate/measured |")
+    q = torch.zeros(1, 8, 256, 32, requires_grad=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        kernel = sdpa_backend(q.to(dtype), q.to(dtype), q.to(dtype), compute_capability=card.compute_capability)
+        print(f"attention kernel the rules pick for the GPT in {dtype}: {kernel}")
+    print("\n| model | batch | precision | estimate (MiB) | measured (MiB) | estimate/measured |")
     print("|---|---|---|---|---|---|")
     for name, (module, make) in cases.items():
         for n in (4, 16, 64):
             for precision in ("32-true", "bf16-mixed"):
                 batch = make(n)
-                estimate = estimate_step_memory(module, batch, precision=precision, device="cuda")
+                estimate = estimate_step_memory(module, batch, precision=precision, gpu=card)
                 real = measured(module, batch, precision)
                 print(
                     f"| {name} | {n} | {precision} | {estimate.peak / 2**20:.1f} | {real / 2**20:.1f} | "

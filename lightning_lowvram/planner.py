@@ -3,11 +3,11 @@
 ``estimate_step_memory`` copies the module onto fake tensors (``FakeTensorMode``), runs its ``training_step``,
 backward and optimizer step (twice, so optimizer state exists; with micro-batches, two accumulate before each step)
 under the project's memory meter, and reports the peak by category and by phase. For ``device="cpu"`` this is the
-CPU run's measurement, byte for byte. For a CUDA card it also emulates what the CUDA allocator and defaults change:
-512-byte allocation rounding, the multi-tensor (``foreach``) optimizer implementation CUDA uses by default, dropout's
-bool mask (``native_dropout``; the CPU kernel keeps a float mask), and the card's context/workspace allowance
-(``GPUProfile.context_mib``). Not emulated yet (so not claimed): other kernel choices that differ between the CPU and
-CUDA traces, such as fused attention variants. None of this is validated on a GPU yet.
+CPU run's measurement, byte for byte. For a CUDA card it also applies ``memory.cuda_rules``: 512-byte allocation
+rounding, the multi-tensor (``foreach``) optimizer implementation CUDA uses by default, dropout's bool mask, the fused
+attention kernel the card would run (flash / memory-efficient / cuDNN / math, chosen by PyTorch's rules for its
+compute capability) with the workspaces its backward allocates, and the card's context/workspace allowance
+(``GPUProfile.context_mib``). These CUDA rules are read from PyTorch's source, not yet validated on a GPU.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
-from unittest import mock
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from torch.utils._pytree import tree_map_only
 
 from lightning_lowvram.batching import batch_size_of, slice_batch
 from lightning_lowvram.checkpointing import checkpoint_blocks
+from lightning_lowvram.memory.cuda_rules import DEFAULT_CAPABILITY, CudaKernels, KernelWorkspaces, cuda_rounding
 from lightning_lowvram.memory.meter import MemoryMeter
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
 
@@ -111,18 +111,22 @@ def estimate_step_memory(
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
     cuda = device == "cuda" or (device is None and profile is not None and profile.memory_gib is not None)
+    capability = None
+    if cuda:
+        capability = (profile.compute_capability if profile is not None else None) or DEFAULT_CAPABILITY
     n = batch_size_of(batch)
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     micro = min(micro_batch_size or n, n)
     micro_batches = [slice_batch(batch, 0, micro, n)] * min(2, math.ceil(n / micro))
 
+    step = (module, micro_batches, precision, optimizer, activation_checkpointing, capability)
     try:
-        best, phases = _run(module, micro_batches, precision, optimizer, activation_checkpointing, cuda, fake=True)
+        best, phases = _run(*step, fake=True)
         method = "fake"
     except _UNTRACEABLE:
         # an op fake tensors cannot run (data-dependent shapes...): measure the same step for real on this machine
-        best, phases = _run(module, micro_batches, precision, optimizer, activation_checkpointing, cuda, fake=False)
+        best, phases = _run(*step, fake=False)
         method = "measured"
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
     estimate = MemoryEstimate(
@@ -178,10 +182,14 @@ def _run(
     precision: str,
     optimizer: Any,
     activation_checkpointing: bool,
-    cuda: bool,
+    capability: tuple[int, int] | None,
     fake: bool,
 ) -> tuple[Any, dict[str, int]]:
-    """Two optimizer steps (each over the micro-batches) of a copy of ``module``, metered per phase."""
+    """Two optimizer steps (each over the micro-batches) of a copy of ``module``, metered per phase.
+
+    ``capability``: the CUDA card's compute capability, whose rules apply; ``None``: the CPU's.
+    """
+    cuda = capability is not None
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
         copied = copy.deepcopy(module)
@@ -203,26 +211,40 @@ def _run(
             best = stats
         meter.reset_peak()
 
-    with mode or contextlib.nullcontext(), _cuda_rounding(cuda), _CudaDropout() if cuda else contextlib.nullcontext():
+    kernels = CudaKernels(capability, attention=fake) if cuda else contextlib.nullcontext()
+    with mode or contextlib.nullcontext(), cuda_rounding(cuda), kernels:
         opt = _optimizer(copied, optimizer)
         if cuda:
             for group in opt.param_groups:
                 if "foreach" in group:
                     group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
-        with MemoryMeter(copied, opt) as meter:
+        with MemoryMeter(copied, opt) as meter, KernelWorkspaces() if cuda else contextlib.nullcontext():
             for _ in range(2):
                 for batch in inputs:
                     meter.reset_peak()
                     with _autocast(precision):
                         loss = _loss(copied, batch)
                     record("forward")
-                    (loss / len(inputs)).backward()
+                    _backward(loss / len(inputs))
                     del loss
                     record("backward")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 record("optimizer")
     return best, phases
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` that keeps torch-function modes (``CudaKernels``) active for the whole backward.
+
+    ``loss.backward()`` is itself dispatched to the active mode, and a mode is off while it handles a call, so
+    forwards recomputed by activation checkpointing would run without the CUDA rules (and save other tensors).
+    """
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None:  # pragma: no cover - older torch
+        loss.backward()
+        return
+    run((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
 
 def _loss(module: nn.Module, batch: Any) -> torch.Tensor:
@@ -260,31 +282,3 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         return torch.autocast("cpu", dtype=dtype)
     return contextlib.nullcontext()
-
-
-class _CudaDropout(torch.overrides.TorchFunctionMode):
-    """Dropout as CUDA runs it: ``native_dropout`` keeps a bool mask for backward (the CPU kernel: a float one)."""
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.dropout:
-            params = dict(zip(("input", "p", "training", "inplace"), args, strict=False)) | kwargs
-            if params.get("training", True) and params.get("p", 0.5) > 0:
-                return torch.native_dropout(params["input"], params.get("p", 0.5), True)[0]
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _cuda_rounding(enabled: bool) -> Iterator[None]:
-    """Count every storage as the CUDA caching allocator would: rounded up to 512 bytes."""
-    if not enabled:
-        yield
-        return
-    from torch.distributed._tools import mem_tracker
-
-    def rounded(self: Any) -> int:
-        mem = self.size * self.element_size
-        return math.ceil(mem / mem_tracker._PYTORCH_MIN_ALLOCATE) * mem_tracker._PYTORCH_MIN_ALLOCATE
-
-    with mock.patch.object(mem_tracker._WeakRefInfo, "_calculate_mem_consumed", rounded):
-        yield

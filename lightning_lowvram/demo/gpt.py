@@ -78,34 +78,36 @@ class TinyTextDataModule(L.LightningDataModule):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with fused QKV; ``n_head`` heads of ``d_model // n_head``."""
 
-    def __init__(self, d_model: int, n_head: int) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0) -> None:
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"model.d_model={d_model} must be divisible by model.n_head={n_head}")
-        self.n_head = n_head
+        self.n_head, self.dropout = n_head, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: attention and a 4x MLP, each with a residual."""
+    """Pre-norm transformer block: attention and a 4x MLP, each with a residual (GPT-2's dropout placement)."""
 
-    def __init__(self, d_model: int, n_head: int) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class TinyGPT(L.LightningModule):
@@ -117,6 +119,7 @@ class TinyGPT(L.LightningModule):
         n_head: Attention heads per block.
         n_layer: Number of blocks.
         lr: AdamW learning rate.
+        dropout: Attention and residual dropout in training (GPT-2 uses 0.1).
 
     Example:
         >>> TinyGPT(seq_len=16, d_model=32, n_head=2, n_layer=1)(torch.zeros(2, 16, dtype=torch.long)).shape
@@ -126,12 +129,22 @@ class TinyGPT(L.LightningModule):
 
     vocab_size = 256
 
-    def __init__(self, seq_len: int = 64, d_model: int = 128, n_head: int = 4, n_layer: int = 2, lr: float = 3e-3):
+    def __init__(
+        self,
+        seq_len: int = 64,
+        d_model: int = 128,
+        n_head: int = 4,
+        n_layer: int = 2,
+        lr: float = 3e-3,
+        dropout: float = 0.0,
+    ):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters()
         self.tok = nn.Embedding(self.vocab_size, d_model)
         self.pos = nn.Embedding(seq_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, self.vocab_size)
 
