@@ -95,6 +95,7 @@ def estimate_step_memory(
             traced float32 moments are replaced by torchao's layout, byte for byte (tested against torchao on CPU).
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
+            ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
 
     Raises:
         ValueError: For an unknown precision or GPU, a non-positive micro-batch size, or a batch the module's
