@@ -67,6 +67,11 @@ def test_bad_input():
         plan(DigitsMLP(), batch, "cpu")
     with pytest.raises(ValueError, match="margin must be in"):
         plan(DigitsMLP(), batch, "rtx3060_12gb", margin=1.5)
+    for field, value in (("memory_gib", 0.0), ("memory_gib", -8.0), ("free_gib", 0.0)):  # non-positive budgets
+        with pytest.raises(ValueError, match=f"gpu.{field} must be > 0"):
+            plan(DigitsMLP(), batch, GPUProfile(name="card", **{field: value}))
+    with pytest.raises(ValueError, match="leaves no memory for tensors"):
+        plan(DigitsMLP(), batch, GPUProfile(name="card", memory_gib=0.4, context_mib=500))
 
 
 def test_when_optimizer_state_dominates_the_plan_takes_8bit_state():

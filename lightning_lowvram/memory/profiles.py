@@ -58,6 +58,8 @@ class GPUProfile:
     def __post_init__(self) -> None:
         if self.memory_gib is not None and self.memory_gib <= 0:
             raise ValueError(f"gpu.memory_gib must be > 0 (or null for no limit), got {self.memory_gib!r}")
+        if self.free_gib is not None and self.free_gib <= 0:
+            raise ValueError(f"gpu.free_gib must be > 0 (or null: the whole card), got {self.free_gib!r}")
         if self.context_mib < 0:
             raise ValueError(f"gpu.context_mib must be >= 0, got {self.context_mib!r}")
         if self.compute_capability is not None:
