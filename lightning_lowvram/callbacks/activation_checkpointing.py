@@ -18,8 +18,8 @@ class ActivationCheckpointingCallback(Callback):
     ``ModuleList``/``Sequential`` containers (transformer layers), or the modules named by ``blocks`` (fnmatch
     patterns). Losses and gradients equal the unwrapped run's (non-reentrant ``torch.utils.checkpoint``, RNG state
     preserved for dropout); the blocks' activations are not kept (tested: under 0.6x of the activation bytes on a
-    4-block GPT), and each block's forward runs twice. Parameter names and checkpoints are unchanged. Not yet tested
-    under DDP.
+    4-block GPT), and each block's forward runs twice. Parameter names and checkpoints are unchanged. Under DDP (tested
+    with 2 gloo processes and dropout) the ranks stay identical and equal to the unwrapped DDP run.
 
     The one trap: a block's forward runs twice per step, so side effects in it (counters, prints) happen twice.
 
