@@ -4,7 +4,9 @@
     micro-batch and accumulation set by hand (loader batch 256, ``accumulate_grad_batches=4``);
 (b) settling under the same emulated memory budget (``memory_budget``): ours from ``"auto"`` vs Lightning's
     ``BatchSizeFinder(mode="binsearch")`` — time to the first real optimizer step, extra steps;
-(c) the effective batch each ends with (the user asked for 1024).
+(c) the effective batch each ends with (the user asked for 1024);
+(d) (a) with the user's own accumulation (loader 512, ``accumulate_grad_batches=2``: inside a window ours keeps a host
+    copy of the gradients to restore after an OOM) vs loader 256 + ``accumulate_grad_batches=4``.
 
 Run: ``python benchmarks/micro_batch.py`` (about a minute on 2 CPU cores; ``--repeats`` for more rounds).
 """
@@ -105,11 +107,14 @@ def _fit(loader_batch: int, callbacks: list, budget: int | None = None, **kwargs
     return model, data, start
 
 
-def throughput(steps: int, warmup: int, reverse: bool = False) -> dict[str, float]:
+def throughput(steps: int, warmup: int, reverse: bool = False, accumulate: int = 1) -> dict[str, float]:
     """Samples per second over optimizer steps warmup..steps (same samples per step for both); ``reverse`` runs the
-    peer first, so alternating rounds cancel any drift of the machine."""
+    peer first, so alternating rounds cancel any drift of the machine. ``accumulate``: the user's own
+    ``accumulate_grad_batches`` (ours gets a loader batch of ``BATCH // accumulate``)."""
+    loader = BATCH // accumulate
+    ours = {"max_steps": steps, "accumulate_grad_batches": accumulate}
     runs = {
-        "ours": lambda c: _fit(BATCH, [AutoMicroBatchCallback(micro_batch_size=MICRO), c], max_steps=steps),
+        "ours": lambda c: _fit(loader, [AutoMicroBatchCallback(micro_batch_size=MICRO), c], **ours),
         "hand": lambda c: _fit(MICRO, [c], max_steps=steps, accumulate_grad_batches=BATCH // MICRO),
     }
     rate = {}
@@ -180,6 +185,10 @@ def main() -> None:
     hand = statistics.median(r["hand"] for r in rounds)
     ratio = statistics.median(r["ours"] / r["hand"] for r in rounds)  # per round: both ran back to back
     per_round = ", ".join(f"{r['ours'] / r['hand']:.2f}" for r in rounds)
+    acc_rounds = [throughput(args.steps, warmup=3, reverse=i % 2 == 1, accumulate=2) for i in range(args.repeats)]
+    acc_ratio = statistics.median(r["ours"] / r["hand"] for r in acc_rounds)
+    acc_ours = statistics.median(r["ours"] for r in acc_rounds)
+    acc_hand = statistics.median(r["hand"] for r in acc_rounds)
     own_ms, step_ms = own_time(args.steps)
     peaks = {m: peak(m) for m in (MICRO, 2 * MICRO)}
     budget = (peaks[MICRO] + peaks[2 * MICRO]) // 2
@@ -221,6 +230,11 @@ def main() -> None:
             f"| (c) effective batch (asked {BATCH}), vs {label} | {o['effective_batch']} (micro-batch {o['micro']}) "
             f"| {peer['effective_batch']} | |"
         )
+    print(
+        f"| (d) steady samples/s with the user's accumulate_grad_batches=2 (loader {BATCH // 2}, micro {MICRO}: host "
+        f"copy of the gradients inside the window) vs loader {MICRO} + accumulate_grad_batches={BATCH // MICRO} "
+        f"(median of {args.repeats}) | {acc_ours:.0f} | {acc_hand:.0f} | {acc_ratio:.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ class AutoMicroBatchCallback(Callback):
     values it logs with ``self.log`` are logged per micro-batch (the loss Lightning records is the full batch's).
     ``torch.compile``d modules work; each new micro-batch size is one more compilation. With
     ``accumulate_grad_batches > 1`` the gradients of a window's earlier batches are copied to host memory before each
-    later batch, so that a failure can put them back: one gradient-sized device-to-host copy per such batch (the
-    throughput benchmark ran without accumulation).
+    later batch, so that a failure can put them back: one gradient-sized device-to-host copy per such batch (within
+    the benchmark's noise on CPU; not measured on a GPU).
 
     Args:
         micro_batch_size: ``"auto"`` (start at the whole batch) or a starting size in samples.
