@@ -42,6 +42,14 @@ def test_the_attention_kernel_is_chosen_as_cuda_chooses_it(dtype, capability, kw
     assert sdpa_backend(q, k, v, compute_capability=capability, **kwargs) == backend
 
 
+def test_inputs_without_a_head_dimension_take_the_math_path():
+    q = torch.zeros(SEQ, HEAD, dtype=torch.bfloat16)
+    assert sdpa_backend(q, q, q, compute_capability=(8, 0)) == "math"
+    with FakeTensorMode():
+        q = torch.zeros(SEQ, HEAD, dtype=torch.bfloat16)
+        assert cuda_sdpa(q, q, q, compute_capability=(8, 0)).shape == (SEQ, HEAD)
+
+
 def _saved(fn, *args, **kwargs):
     """Shapes and dtypes autograd keeps for backward."""
     saved = []
