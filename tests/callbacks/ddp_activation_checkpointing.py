@@ -11,23 +11,19 @@ import torch
 
 from lightning_lowvram import ActivationCheckpointingCallback
 from lightning_lowvram.demo import TinyGPT, TinyTextDataModule
+from tests.helpers import quiet_trainer
 
 
 def main(out: str, checkpointing: str) -> None:
     L.seed_everything(0)
     model = TinyGPT(seq_len=32, d_model=32, n_head=4, n_layer=3, dropout=0.1)
     callbacks = [ActivationCheckpointingCallback()] if checkpointing == "on" else []
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_steps=4,
         limit_val_batches=0,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=TinyTextDataModule(seq_len=32, batch_size=8))
     torch.save({"weights": model.state_dict()}, f"{out}/rank{trainer.global_rank}.pt")

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, memory_budget
 from lightning_lowvram.demo import DigitsDataModule
+from tests.helpers import quiet_trainer
 
 PER_RANK_BATCH = 64
 BATCHES = 4
@@ -54,8 +55,7 @@ def main(out: str, size: str, limit: str) -> None:
     data.setup("fit")
     micro = AutoMicroBatchCallback(micro_batch_size=int(size) if size.isdigit() else "auto")
     report = MemoryReportCallback(stages=["fit"], print_table=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=1,
@@ -63,10 +63,6 @@ def main(out: str, size: str, limit: str) -> None:
         limit_train_batches=BATCHES,
         limit_val_batches=0,
         callbacks=([] if size == "none" else [micro]) + [report, RankOneBudget(int(limit))],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=data)
     state = {"weights": model.state_dict(), "micro": micro.state_dict(), "peak": report.reports["fit"].total}

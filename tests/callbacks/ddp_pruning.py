@@ -10,23 +10,19 @@ import torch
 
 from lightning_lowvram import PruningCallback
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
+from tests.helpers import quiet_trainer
 
 
 def main(out: str, method: str) -> None:
     L.seed_everything(0)
     model = DigitsMLP(hidden=64)
     pruning = PruningCallback(0.5, method=method, criterion="random", start_step=0, end_step=6, frequency=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_steps=10,
         limit_val_batches=0,
         callbacks=[pruning],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     state = {"weights": model.state_dict(), "masks": pruning.state_dict()["masks"], "events": pruning.events}
