@@ -13,6 +13,10 @@ DEMOS = {
         lambda: TinyGPT(seq_len=64, d_model=64, n_head=4, n_layer=2),
         lambda: TinyTextDataModule(batch_size=32),
     ),
+    "tiny_gpt_dropout": (
+        lambda: TinyGPT(seq_len=64, d_model=64, n_head=4, n_layer=2, dropout=0.1),
+        lambda: TinyTextDataModule(batch_size=32),
+    ),
 }
 
 
@@ -41,6 +45,13 @@ def test_cpu_estimate_matches_the_meter_within_5_percent(name, checkpointing, pr
         model, batch, micro_batch_size=micro, precision=precision, activation_checkpointing=checkpointing
     )
     assert estimate.device == "cpu" and estimate.allowance == 0
+    assert abs(estimate.peak - measured) <= 0.05 * measured, (estimate, measured)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_cpu_estimate_with_dropout_matches_the_meter_within_5_percent(precision):
+    model, batch, measured = _measured("tiny_gpt_dropout", 8, precision, False)
+    estimate = estimate_step_memory(model, batch, micro_batch_size=8, precision=precision)
     assert abs(estimate.peak - measured) <= 0.05 * measured, (estimate, measured)
 
 
