@@ -15,7 +15,8 @@ then applies these rules so the trace allocates what the card would:
   float32; CPU autocast keeps a bf16/fp16 input's dtype. Other ops follow the CPU's autocast lists.
 - **Kernel workspaces** the meta kernels do not allocate: flash backward's float32 ``dq`` accumulator and
   ``softmax_d``, memory-efficient backward's ``delta`` (``KernelWorkspaces``). Other workspaces (cuDNN's, the
-  memory-efficient backward's gradient accumulators, split-KV forward buffers) are not modelled.
+  memory-efficient backward's gradient accumulators, split-KV forward buffers) are not modelled, and grouped-query
+  attention is traced on the math path (an over-estimate).
 
 The rules follow PyTorch's ``sdp_utils.cpp`` and ``flash_api.cpp`` as read, not measured: no GPU was available to
 validate them (``benchmarks/gpu_validate_estimate.py`` does that where one is).
@@ -153,6 +154,7 @@ def cuda_sdpa(
         enable_gqa=enable_gqa,
         compute_capability=compute_capability,
     )
+    # grouped-query attention is traced on the math path (an over-estimate: CUDA's fused kernels support it)
     if backend == "math" or (enable_gqa and query.shape[-3] != key.shape[-3]):
         with torch.autocast("cpu", enabled=False):
             return _aten._scaled_dot_product_attention_math(
