@@ -13,17 +13,28 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lightning_lowvram.pruning_units import (
+    Unit,
+    find_units,
+    is_conv1d,
+    prune_units,
+    sync_configs,
+    unit_layers,
+    unknown_attention,
+)
+
 Criterion = Literal["magnitude", "random"]
 CRITERIA: tuple[str, ...] = ("magnitude", "random")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # masked pruning: their weights
 ROOTS = (*PRUNABLE, nn.Embedding, nn.MultiheadAttention)  # structural pruning: their output channels / widths
+Forward = Callable[[nn.Module, Any], Any]  # (model, example inputs) -> outputs or loss
 Op = dict[str, Any]  # {"module": name, "fn": "prune_out_channels" | "prune_in_channels" | ..., "idxs": [int, ...]}
 
 
@@ -33,32 +44,59 @@ def check_criterion(criterion: str) -> None:
         raise ValueError(f"criterion must be one of {', '.join(map(repr, CRITERIA))}, got {criterion!r}")
 
 
-def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
-    """Names of the layers whose output is the model's output (never pruned: they define what the model predicts).
+def output_layers(model: nn.Module, example_inputs: Any, forward: Forward | None = None) -> list[str]:
+    """Names of the layers nearest to the model's outputs (never pruned: they define what the model predicts).
+
+    ``forward(model, example_inputs)`` runs the model (default: ``model(*inputs)``); it may return the loss (a
+    LightningModule's ``training_step``): the layers are found by walking the autograd graph back from what it returns.
 
     Example:
         >>> output_layers(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.zeros(1, 4))
         ['2']
 
     """
-    outputs: dict[int, str] = {}
+    produced: dict[Any, str] = {}
     last: list[str] = []
     names = {module: name for name, module in model.named_modules()}
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and any(True for _ in module.parameters(recurse=False)):
-            outputs[id(output)] = names[module]
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            produced[output.grad_fn] = names[module]
             last.append(names[module])
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ]
     try:
-        with torch.no_grad():
-            result = _call(model, example_inputs)
+        with torch.enable_grad(), _keep_modes(model):
+            result = (forward or call)(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    found = [outputs[id(t)] for t in _flat_tensors(result) if id(t) in outputs]
+    found: list[str] = []
+    for tensor in _flat_tensors(result):
+        name = _nearest(tensor.grad_fn, produced)
+        if name is not None and name not in found:
+            found.append(name)
     return found or last[-1:]
+
+
+def _nearest(node: Any, produced: Mapping[Any, str]) -> str | None:
+    """Breadth-first from an output's grad_fn: the first node a layer produced."""
+    seen, frontier = set(), [node]
+    while frontier:
+        nxt = []
+        for fn in frontier:
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if fn in produced:
+                return produced[fn]
+            nxt += [f for f, _ in fn.next_functions]
+        frontier = nxt
+    return None
 
 
 def prunable_layers(
@@ -67,13 +105,14 @@ def prunable_layers(
     protected: Iterable[str] = (),
     types: tuple[type[nn.Module], ...] = PRUNABLE,
 ) -> dict[str, nn.Module]:
-    """Layers of ``types`` (Linear/Conv) by name, minus ``protected`` and those matching an ``ignore`` pattern.
+    """Layers of ``types`` (Linear/Conv; HF ``Conv1D`` counts as Linear) by name, minus ``protected`` and ``ignore``.
 
     Raises:
         ValueError: If an ``ignore`` pattern (fnmatch) matches no layer, or nothing is left to prune.
 
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, types)}
+    conv1d = nn.Linear in types  # HF's Conv1D (GPT-2) is a Linear stored transposed
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, types) or (conv1d and is_conv1d(m))}
     for pattern in ignore:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
             raise ValueError(f"ignore pattern {pattern!r} matches no prunable layer; layers: {', '.join(layers)}")
@@ -95,21 +134,30 @@ def prune_structured(
     amount: float,
     example_inputs: Any,
     *,
+    forward: Forward | None = None,
     criterion: Criterion = "magnitude",
     ignore: Sequence[str] = (),
     global_pruning: bool = False,
     seed: int = 0,
     ratios: Mapping[str, float] | None = None,
 ) -> list[Op]:
-    """Remove ``amount`` of the channels (neurons, head dimensions) of every prunable group, physically.
+    """Remove ``amount`` of the channels (neurons, heads, head dimensions) of every prunable group, physically.
 
-    The output layer keeps its outputs; attention blocks with a fused ``qkv`` Linear and an ``n_head`` /
-    ``num_heads`` attribute keep their head count (head dimensions shrink), and ``nn.MultiheadAttention`` is handled
-    by Torch-Pruning. Parameters are replaced: an optimizer built before must be rebuilt. ``ratios`` (layer name ->
-    fraction of its current channels) overrides ``amount`` per layer (local pruning only).
+    Transformer blocks of a known layout (:mod:`lightning_lowvram.pruning_units`: Hugging Face GPT-2, Llama-style,
+    BERT-style) lose whole attention heads (whole key/value groups under GQA) and MLP channels; their hidden size,
+    embeddings and output head are kept. Other models go through Torch-Pruning's dependency graph, traced by
+    ``forward(model, example_inputs)`` (default ``model(*example_inputs)``; a LightningModule's ``training_step`` on
+    a dict batch works): the output layer keeps its outputs, fused-``qkv`` attention with an ``n_head``/``num_heads``
+    attribute keeps its head count, ``nn.MultiheadAttention`` is handled by Torch-Pruning. Parameters are replaced:
+    an optimizer built before must be rebuilt. ``ratios`` (layer or block name -> fraction of its current channels)
+    overrides ``amount`` per layer (local pruning only).
 
     Returns:
         The pruning record (plain data) to replay with :func:`replay_structure`.
+
+    Raises:
+        ValueError: For an attention layout this pruner does not know (naming the module), or ``global_pruning`` on
+            transformer blocks (a Hugging Face config describes one head count for every layer).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -118,30 +166,52 @@ def prune_structured(
         (4, 4, 2)
 
     """
-    import torch_pruning as tp
-
     check_criterion(criterion)
     if not 0.0 <= amount < 1.0:
         raise ValueError(f"amount must be in [0, 1), got {amount!r}")
-    if amount == 0.0:
+    if amount == 0.0 and not ratios:
         return []
-    protected = output_layers(model, example_inputs)
+    units = check_layouts(model, ignore, global_pruning)
+    if units:
+        ops = prune_units(units, amount, ratios or {}, criterion, seed)
+        sync_configs(model, units)
+        return ops
+    return _prune_with_graph(model, amount, example_inputs, forward, criterion, ignore, global_pruning, seed, ratios)
+
+
+def _prune_with_graph(
+    model: nn.Module,
+    amount: float,
+    example_inputs: Any,
+    forward: Forward | None,
+    criterion: Criterion,
+    ignore: Sequence[str],
+    global_pruning: bool,
+    seed: int,
+    ratios: Mapping[str, float] | None,
+) -> list[Op]:
+    import torch_pruning as tp
+
+    protected = output_layers(model, example_inputs, forward)
     layers = prunable_layers(model, ignore, protected, ROOTS)
     importance = tp.importance.RandomImportance() if criterion == "random" else tp.importance.GroupMagnitudeImportance()
     heads = {m.qkv: _heads(m) for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and _heads(m)}
     names = {m: n for n, m in model.named_modules()}
     ignored = [m for n, m in model.named_modules() if isinstance(m, ROOTS) and n not in layers]
-    with torch.random.fork_rng(devices=[]), _keep_modes(model):
+    with torch.random.fork_rng(devices=[]), _keep_modes(model), torch.enable_grad():
         torch.manual_seed(seed)
         pruner = tp.pruner.MetaPruner(
             model,
             example_inputs,
+            forward_fn=forward,
             importance=importance,
             pruning_ratio=amount,
             global_pruning=global_pruning,
             ignored_layers=ignored,
             root_module_types=list(ROOTS),
-            pruning_ratio_dict=None if global_pruning or not ratios else {layers[n]: r for n, r in ratios.items()},
+            pruning_ratio_dict=None
+            if global_pruning or not ratios
+            else {layers[n]: r for n, r in ratios.items() if n in layers},
             num_heads=heads,
             prune_head_dims=True,
             prune_num_heads=False,
@@ -156,16 +226,75 @@ def prune_structured(
     return ops
 
 
-def replay_structure(model: nn.Module, ops: Sequence[Op], example_inputs: Any) -> None:
-    """Apply a pruning record to a module of the original shapes: afterwards its ``state_dict`` shapes match."""
+def check_layouts(model: nn.Module, ignore: Sequence[str] = (), global_pruning: bool = False) -> list[Unit]:
+    """The transformer blocks to prune by heads and channels; raise for what structured pruning cannot handle.
+
+    Raises:
+        ValueError: For a module named like an attention whose layout is not known (naming it), or
+            ``global_pruning`` on transformer blocks.
+
+    """
+    units = transformer_units(model, ignore)
+    unknown = unknown_attention(model, units, lambda m: _handled_attention(m) or _matches(model, m, ignore))
+    if unknown:
+        raise ValueError(
+            f"structured pruning does not know the attention layout of {', '.join(unknown)}: pass "
+            "ignore=['<its name>*'] to leave it alone, or method='unstructured' (known layouts: "
+            "lightning_lowvram.pruning_units)"
+        )
+    if units and global_pruning:
+        raise ValueError(
+            "scope='global' would leave transformer layers with different head counts, which a Hugging Face "
+            "config cannot describe: use scope='layer'"
+        )
+    return units
+
+
+def transformer_units(model: nn.Module, ignore: Sequence[str] = ()) -> list[Unit]:
+    """The transformer blocks :func:`prune_structured` prunes by heads and channels, minus ``ignore`` matches."""
+    names = {m: n for n, m in model.named_modules()}
+    return [
+        u
+        for u in find_units(model)
+        if not any(
+            fnmatch.fnmatchcase(n, p) for n in (u.name, *(names[layer] for layer in unit_layers([u]))) for p in ignore
+        )
+    ]
+
+
+def _matches(model: nn.Module, module: nn.Module, ignore: Sequence[str]) -> bool:
+    name = next(n for n, m in model.named_modules() if m is module)
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name + ".x", p) for p in ignore)
+
+
+def _handled_attention(module: nn.Module) -> bool:
+    """Attention Torch-Pruning handles: ``nn.MultiheadAttention`` and a fused ``qkv`` Linear with a head count."""
+    return isinstance(module, nn.MultiheadAttention) or (
+        isinstance(getattr(module, "qkv", None), nn.Linear) and _heads(module) is not None
+    )
+
+
+def replay_structure(model: nn.Module, ops: Sequence[Op], example_inputs: Any, forward: Forward | None = None) -> None:
+    """Apply a pruning record to a module of the original shapes: afterwards its ``state_dict`` shapes match.
+
+    (Loading a checkpoint needs no record: :func:`lightning_lowvram.pruning_units.conform_to_state_dict` takes the
+    shapes from the checkpoint itself.)
+    """
     import torch_pruning as tp
 
-    if not ops:
+    unit_ops = [op for op in ops if op["fn"] == "keep_groups"]
+    graph_ops = [op for op in ops if op["fn"] != "keep_groups"]
+    if unit_ops:
+        units = {u.name: u for u in find_units(model)}
+        for op in unit_ops:
+            units[op["module"]].keep(op["idxs"])
+        sync_configs(model, units.values())
+    if not graph_ops:
         return
-    with _keep_modes(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs)
+    with _keep_modes(model), torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=forward)
     modules = dict(model.named_modules())
-    for op in ops:
+    for op in graph_ops:
         module = modules[op["module"]]
         handler = getattr(graph.get_pruner_of_module(module), op["fn"])
         graph.get_pruning_group(module, handler, list(op["idxs"])).prune()
@@ -183,13 +312,14 @@ def _keep_modes(model: nn.Module) -> Iterator[None]:
 
 
 def channels(model: nn.Module) -> dict[str, int]:
-    """Output channels (features, embedding width) of every layer structural pruning starts from, by name."""
+    """Output channels of the layers structural pruning starts from and groups of the transformer blocks, by name."""
     widths = {nn.Linear: "out_features", nn.Embedding: "embedding_dim", nn.MultiheadAttention: "embed_dim"}
-    return {
+    found = {
         name: getattr(m, next((a for t, a in widths.items() if isinstance(m, t)), "out_channels"))
         for name, m in model.named_modules()
         if isinstance(m, ROOTS)
     }
+    return found | {unit.name: unit.groups for unit in find_units(model)}
 
 
 def keep_ratios(original: Mapping[str, int], current: Mapping[str, int], fraction: float) -> dict[str, float]:
@@ -295,24 +425,11 @@ def cubic_sparsity(step: int, final: float, start: int, end: int, frequency: int
     return final * (1.0 - (1.0 - (last - start) / (end - start)) ** 3)
 
 
-# -- example inputs -----------------------------------------------------------------------------------------------
-def example_spec(inputs: Any) -> Any:
-    """Shapes and dtypes of example inputs, as plain data (for a checkpoint)."""
-    if isinstance(inputs, torch.Tensor):
-        return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).removeprefix("torch.")}
-    if isinstance(inputs, list | tuple):
-        return [example_spec(x) for x in inputs]
-    raise TypeError(f"example inputs must be a tensor or a tuple/list of tensors, got {type(inputs).__name__}")
-
-
-def example_from_spec(spec: Any, device: torch.device | str = "cpu") -> Any:
-    """Zeros of the recorded shapes and dtypes (enough to trace a model's structure)."""
-    if isinstance(spec, dict):
-        return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
-    return tuple(example_from_spec(s, device) for s in spec)
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
+# -- helpers ------------------------------------------------------------------------------------------------------
+def call(model: nn.Module, inputs: Any) -> Any:
+    """``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 

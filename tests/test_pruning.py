@@ -6,8 +6,6 @@ from lightning_lowvram.demo import TinyGPT
 from lightning_lowvram.pruning import (
     apply_masks,
     cubic_sparsity,
-    example_from_spec,
-    example_spec,
     output_layers,
     prunable_layers,
     prune_structured,
@@ -34,7 +32,7 @@ def test_replaying_the_record_on_a_fresh_module_rebuilds_shapes_and_outputs():
     gpt, idx = TinyGPT(seq_len=16, d_model=32, n_head=4, n_layer=2), torch.randint(0, 256, (2, 16))
     ops = prune_structured(gpt, 0.5, idx) + prune_structured(gpt, 0.25, idx)
     fresh = TinyGPT(seq_len=16, d_model=32, n_head=4, n_layer=2)
-    replay_structure(fresh, ops, example_from_spec(example_spec(idx)))
+    replay_structure(fresh, ops, idx)
     fresh.load_state_dict(gpt.state_dict())
     assert torch.equal(fresh(idx), gpt(idx))
     attn = gpt.blocks[0].attn

@@ -9,29 +9,31 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_lowvram.batching import slice_batch
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.pruning import (
     PRUNABLE,
     ROOTS,
     Criterion,
+    Forward,
     Op,
     apply_masks,
+    call,
     channels,
     check_criterion,
+    check_layouts,
     cubic_sparsity,
-    example_from_spec,
-    example_spec,
     keep_ratios,
     output_layers,
     prunable_layers,
     prune_structured,
-    replay_structure,
     update_masks,
 )
+from lightning_lowvram.pruning_units import conform_to_state_dict
 
 METHODS = ("structured", "unstructured")
 SCHEDULES = ("once", "gradual")
@@ -51,8 +53,15 @@ class PruningCallback(Callback):
     (unstructured). Removing half the channels of a layer whose inputs also halve removes about 3/4 of its weights.
     The output layer is never pruned.
 
-    The one trap: the model needs example inputs to trace its structure: ``self.example_input_array`` on the module,
-    or else the first element of the first training batch.
+    Transformer blocks of a known layout (Hugging Face GPT-2, Llama-style with grouped-query attention, BERT-style)
+    lose whole attention heads and MLP channels and keep their hidden size, so embeddings (tied or not) and the output
+    head stay; their configs are updated where they can describe the result. Other models are traced by running the
+    module's own ``training_step`` on the first two samples of the first training batch (any batch structure), or
+    ``forward(self.example_input_array)`` when the module sets it. A checkpoint from any point of the schedule loads
+    (``trainer.fit/validate/test(ckpt_path=...)``, :func:`load_pruned`): the module takes the checkpoint's shapes.
+
+    The one trap: an attention layout the pruner does not know is an error at setup naming the module (``ignore`` it,
+    or use ``method="unstructured"``); ``scope="global"`` is refused on transformer blocks.
 
     Args:
         amount: Final fraction in [0, 1).
@@ -126,7 +135,7 @@ class PruningCallback(Callback):
         self.ops: list[Op] = []  # structured record, each op tagged with its "event" (optimizer step; -1: setup)
         self.masks: dict[str, torch.Tensor] = {}
         self.events: list[int] = []
-        self.spec: Any = None
+        self._example: tuple[Any, Forward | None] | None = None  # (inputs, how to run them), not saved
         self.original_parameters = 0
         self.original_channels: dict[str, int] = {}
         self._layers: dict[str, nn.Module] = {}
@@ -139,14 +148,16 @@ class PruningCallback(Callback):
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._wrap_on_load_checkpoint(pl_module)
         if stage != "fit":
             return
-        inputs = _example_inputs(trainer, pl_module)
-        self.spec = example_spec(inputs)
-        self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs), self._types)
+        self._example = _example_inputs(trainer, pl_module)
+        inputs, forward = self._example
+        self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs, forward), self._types)
+        if self.method == "structured":
+            check_layouts(pl_module, self.ignore, self.scope == "global")
         self.original_parameters = self.original_parameters or _count(pl_module)
         self.original_channels = self.original_channels or channels(pl_module)
-        self._wrap_on_load_checkpoint(pl_module)
         if self.schedule == "once" and -1 not in self.events:
             self._prune(trainer, pl_module, self.amount, event=-1)
 
@@ -191,7 +202,6 @@ class PruningCallback(Callback):
             "ops": self.ops,
             "masks": {name: mask.cpu() for name, mask in self.masks.items()},
             "events": self.events,
-            "spec": self.spec,
             "original_parameters": self.original_parameters,
             "original_channels": self.original_channels,
             "end_step": self.end_step,  # resolved at the first fit: a resumed run keeps the same schedule
@@ -200,7 +210,7 @@ class PruningCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.fraction, self.ops, self.masks = state_dict["fraction"], list(state_dict["ops"]), state_dict["masks"]
-        self.events, self.spec = list(state_dict["events"]), state_dict["spec"]
+        self.events = list(state_dict["events"])
         self.original_parameters = state_dict["original_parameters"]
         self.original_channels = state_dict["original_channels"]
         self.end_step, self.frequency = state_dict["end_step"], state_dict["frequency"]
@@ -237,24 +247,23 @@ class PruningCallback(Callback):
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule, target: float, event: int) -> None:
         if self.method == "structured":
             relative = 1.0 - (1.0 - target) / (1.0 - self.fraction)
-            inputs = example_from_spec(self.spec, pl_module.device)
+            assert self._example is not None
+            inputs, forward = self._example
             now = channels(pl_module)
             ops = prune_structured(
                 pl_module,
                 relative,
                 inputs,
+                forward=forward,
                 criterion=self.criterion,
                 ignore=self.ignore,
                 global_pruning=self.scope == "global",
                 seed=self.seed + len(self.events),
-                ratios={
-                    name: r
-                    for name, r in keep_ratios(self.original_channels, now, target).items()
-                    if name in self._layers
-                },
+                ratios=keep_ratios(self.original_channels, now, target),
             )
             self.ops += [{**op, "event": event} for op in ops]
-            self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs), self._types)
+            protected = output_layers(pl_module, inputs, forward)
+            self._layers = prunable_layers(pl_module, self.ignore, protected, self._types)
             if trainer.optimizers:  # after setup: the optimizers hold the replaced parameters
                 _rebuild_optimizers(trainer)
                 self._hook_optimizers(trainer)
@@ -289,35 +298,33 @@ class PruningCallback(Callback):
         self._hooks = []
 
     def _wrap_on_load_checkpoint(self, pl_module: L.LightningModule) -> None:
-        """Resuming: re-shape the module from the checkpoint's record before Lightning loads its weights."""
+        """Loading a checkpoint: give the module its shapes before Lightning loads the weights (any stage)."""
         if self._undo is not None:
             return
 
         def on_load_checkpoint(original: Callable[..., None], checkpoint: dict[str, Any]) -> None:
-            state = checkpoint.get("callbacks", {}).get(self.state_key)
-            if state:
-                ops = [op for op in state["ops"] if op["event"] not in self.events]  # not already done in setup
-                replay_structure(pl_module, ops, example_from_spec(state["spec"], pl_module.device))
+            if checkpoint.get("callbacks", {}).get(self.state_key) is not None:
+                conform_to_state_dict(pl_module, checkpoint["state_dict"])
             original(checkpoint)
 
         self._undo = patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint)
 
 
 def load_pruned(module: nn.Module, checkpoint_path: str | Path) -> nn.Module:
-    """Rebuild the pruned shapes on a fresh ``module`` from a checkpoint written while PruningCallback ran; load it.
+    """Give a fresh ``module`` the shapes of a checkpoint written while PruningCallback ran, then load it.
 
-    The checkpoint is read with ``torch.load(weights_only=True)``: it holds tensors and plain data, no pickled
-    module. Masks of an unfinished unstructured run are applied.
+    Works for a checkpoint from any point of the schedule (before, during or after pruning). The checkpoint is read
+    with ``torch.load(weights_only=True)``: it holds tensors and plain data, no pickled module. Masks of an
+    unfinished unstructured run are applied.
 
     Example:
         >>> # model = load_pruned(DigitsMLP(hidden=128), "last.ckpt")
 
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PruningCallback")]
-    for state in states:
-        replay_structure(module, state["ops"], example_from_spec(state["spec"]))
+    conform_to_state_dict(module, checkpoint["state_dict"])
     module.load_state_dict(checkpoint["state_dict"])
+    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PruningCallback")]
     layers = dict(module.named_modules())
     for state in states:
         apply_masks({name: layers[name] for name in state["masks"]}, state["masks"])
@@ -339,21 +346,45 @@ def _rebuild_optimizers(trainer: L.Trainer) -> None:
         config.scheduler.load_state_dict(state)
 
 
-def _example_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+def _example_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, Forward | None]:
+    """What traces the model: ``example_input_array`` through ``forward``, else ``training_step`` on 2 samples."""
     if pl_module.example_input_array is not None:
-        return pl_module.example_input_array
+        inputs = pl_module.example_input_array
+        return (inputs if isinstance(inputs, dict | tuple) else inputs), None
     batch = None
     source = trainer.fit_loop._data_source
     if source.is_defined():
         loader = source.dataloader()
         batch = next(iter(loader), None) if isinstance(loader, torch.utils.data.DataLoader) else None
-    first = batch[0] if isinstance(batch, list | tuple) and batch else batch
-    if not isinstance(first, torch.Tensor):
+    if batch is None:
         raise MisconfigurationException(
-            "PruningCallback needs example inputs to trace the model's structure: set `self.example_input_array` "
-            "in your LightningModule (the first element of a training batch is used when it is a tensor)"
+            "PruningCallback traces the model by running training_step on the first training batch, and found no "
+            "training DataLoader: set `self.example_input_array` in your LightningModule"
         )
-    return first[:2].to(pl_module.device)
+    return move_data_to_device(slice_batch(batch, 0, 2), pl_module.device), _training_step
+
+
+def _training_step(module: nn.Module, batch: Any) -> Any:
+    """The module's own ``training_step`` (the class's: not a callback's wrapper), logging silenced; its loss."""
+    if not isinstance(module, L.LightningModule):
+        return call(module, batch)
+    silenced = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
+    module.__dict__.update(log=lambda *a, **k: None, log_dict=lambda *a, **k: None)
+    try:
+        output = type(module).training_step(module, batch, 0)
+    finally:
+        for name, value in silenced.items():
+            if value is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, torch.Tensor):
+        raise MisconfigurationException(
+            "PruningCallback traces the model through training_step, which returned no loss (manual optimization?): "
+            "set `self.example_input_array` in your LightningModule"
+        )
+    return loss
 
 
 def _count(module: nn.Module) -> int:

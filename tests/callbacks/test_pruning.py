@@ -230,13 +230,31 @@ def test_bad_model_arguments_fail_at_setup_before_any_step(kwargs, match):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_a_batch_without_tensor_inputs_asks_for_example_input_array():
+def test_dict_batches_are_traced_through_the_modules_own_training_step():
+    class DictMLP(DigitsMLP):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
     class DictData(DigitsDataModule):
         def train_dataloader(self):
-            return DataLoader([{"x": torch.zeros(64)}] * 8, batch_size=4)
+            return DataLoader([{"x": torch.zeros(64), "y": torch.tensor(1)}] * 8, batch_size=4)
+
+    model = DictMLP(hidden=32)
+    _fit(model, DictData(), [PruningCallback(schedule="once")])
+    assert model.net[0].out_features == 16
+
+
+def test_a_step_that_returns_no_loss_asks_for_example_input_array():
+    class Manual(DigitsMLP):
+        def __init__(self):
+            super().__init__(hidden=32)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            self.manual_backward(super().training_step(batch, batch_idx))
 
     with pytest.raises(MisconfigurationException, match="example_input_array"):
-        _fit(DigitsMLP(hidden=32), DictData(), [PruningCallback()])
+        _fit(Manual(), DigitsDataModule(), [PruningCallback()])
 
 
 @pytest.mark.parametrize("method", ["structured", "unstructured"])
