@@ -3,15 +3,17 @@
 A checkpointed block keeps only its inputs during the forward pass and recomputes its activations in backward
 (non-reentrant ``torch.utils.checkpoint``): the blocks' activations are not kept (tested: under 0.6x of the
 activation bytes on a 4-block GPT), and each block's forward runs twice. Only the block's ``forward`` is replaced (an
-instance attribute), so parameter names and checkpoints are unchanged.
+instance attribute), so parameter names and checkpoints are unchanged. BatchNorm running statistics are updated once
+per step, as without checkpointing: the recompute puts them back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -68,7 +70,37 @@ def checkpoint_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> 
         )
     for name in names:
         _wrap(modules[name])
+    _cache_off(model)
     return names
+
+
+def _cache_off(model: nn.Module) -> None:
+    """Turn off the key/value cache of Hugging Face models while checkpointed; :func:`uncheckpoint_blocks` restores.
+
+    With ``config.use_cache`` they keep a cache in training too, and the recompute would append to it a second time
+    (HF's own gradient checkpointing turns it off likewise).
+    """
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
+    model.__dict__.setdefault("_lowvram_use_cache", list(configs.values()))
+    for config in configs.values():
+        config.use_cache = False
+
+
+@contextlib.contextmanager
+def _stats_frozen(norms: Sequence[nn.Module]) -> Iterator[None]:
+    """The recompute in backward must not update BatchNorm running statistics a second time.
+
+    The running mean, variance and ``num_batches_tracked`` are copied before the recompute and put back after it (a
+    few vectors per norm layer); the recompute still normalises with the batch's statistics, as the forward did.
+    """
+    saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None}) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in saved:
+                for key, value in buffers.items():
+                    getattr(module, key).copy_(value)
 
 
 def uncheckpoint_blocks(model: nn.Module) -> None:
@@ -76,6 +108,8 @@ def uncheckpoint_blocks(model: nn.Module) -> None:
     for module in model.modules():
         if module.__dict__.pop("_lowvram_checkpointed", False):
             module.__dict__.pop("forward", None)
+    for config in model.__dict__.pop("_lowvram_use_cache", []):
+        config.use_cache = True
 
 
 def _wrap(block: nn.Module) -> None:
@@ -83,10 +117,15 @@ def _wrap(block: nn.Module) -> None:
         return
     forward = block.forward
 
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def contexts() -> tuple[Any, Any]:
+        return contextlib.nullcontext(), _stats_frozen(norms)
+
     @functools.wraps(forward)
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return forward(*args, **kwargs)
 
     block.__dict__["forward"] = checkpointed
