@@ -78,6 +78,45 @@ def slice_batch(batch: Any, start: int, end: int, size: int | None = None) -> An
     return batch
 
 
+def _labels(batch: Any) -> torch.Tensor:
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"this count needs a dict batch with a 'labels' tensor, got a {type(batch).__name__}")
+    return labels
+
+
+def causal_lm_tokens(batch: Mapping[str, Any]) -> int:
+    """Loss units of a Hugging Face causal LM: shifted labels that are not -100 (``ForCausalLMLoss``'s mean).
+
+    Example:
+        >>> causal_lm_tokens({"labels": torch.tensor([[5, 6, -100], [7, -100, -100]])})
+        1
+
+    """
+    return int((_labels(batch)[..., 1:] != -100).sum())
+
+
+def label_tokens(batch: Mapping[str, Any]) -> int:
+    """Loss units of a Hugging Face masked-LM or token-classification loss: labels that are not -100.
+
+    Example:
+        >>> label_tokens({"labels": torch.tensor([[5, -100, 6]])})
+        2
+
+    """
+    return int((_labels(batch) != -100).sum())
+
+
+COUNTS: dict[str, Callable[[Any], int]] = {"causal_lm_tokens": causal_lm_tokens, "label_tokens": label_tokens}
+"""Named ``count_fn`` presets. Sequence classification (a mean over samples) needs none: the default counts samples."""
+
+
+def has_ignored_labels(batch: Any) -> bool:
+    """A dict batch whose ``labels`` hold -100 (ignored positions): a per-sample split of it is not exact."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    return isinstance(labels, torch.Tensor) and bool((labels == -100).any())
+
+
 def micro_batch_bounds(size: int, micro_batch_size: int) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` covering ``size`` samples in chunks of at most ``micro_batch_size``.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -14,7 +15,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils._python_dispatch import _disable_current_modes
 from torchmetrics import Metric
 
-from lightning_lowvram.batching import SliceFn, batch_size_of, merge_outputs, micro_batch_bounds, slice_batch
+from lightning_lowvram.batching import (
+    COUNTS,
+    SliceFn,
+    batch_size_of,
+    has_ignored_labels,
+    merge_outputs,
+    micro_batch_bounds,
+    slice_batch,
+)
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.memory.oom import is_oom_error
 
@@ -53,8 +62,11 @@ class AutoMicroBatchCallback(Callback):
         micro_batch_size: ``"auto"`` (start at the whole batch) or a starting size in samples.
         eval_micro_batch_size: Same for validation/test/predict; ``None`` leaves evaluation alone.
         min_micro_batch_size: Smallest size to try; if it does not fit, a clear error is raised.
-        count_fn: ``count_fn(batch) -> number`` of loss units (e.g. non-padding tokens) when the module's loss is a
-            mean over those units rather than over samples.
+        count_fn: ``count_fn(batch) -> number`` of loss units when the module's loss is a mean over those units
+            rather than over samples, or a preset: ``"causal_lm_tokens"`` (Hugging Face causal LMs: the shifted
+            ``labels`` that are not -100) or ``"label_tokens"`` (masked LM, token classification: ``labels`` not
+            -100). A dict batch whose ``labels`` hold -100 with no ``count_fn`` gets one warning: its split is not
+            exact. Micro-batches with a count of 0 are skipped (their weight is 0).
         slice_fn: ``slice_fn(batch, start, end)`` for batch types :mod:`lightning_lowvram.batching` does not know.
 
     Raises:
@@ -77,7 +89,7 @@ class AutoMicroBatchCallback(Callback):
         micro_batch_size: Size = "auto",
         eval_micro_batch_size: Size | None = "auto",
         min_micro_batch_size: int = 1,
-        count_fn: Callable[[Any], float] | None = None,
+        count_fn: Callable[[Any], float] | Literal["causal_lm_tokens", "label_tokens"] | None = None,
         slice_fn: SliceFn | None = None,
     ) -> None:
         if not isinstance(min_micro_batch_size, int) or min_micro_batch_size < 1:
@@ -91,8 +103,12 @@ class AutoMicroBatchCallback(Callback):
                 raise ValueError(
                     f"{name} must be 'auto' or an integer >= min_micro_batch_size={min_micro_batch_size}, got {value!r}"
                 )
+        if count_fn is not None and not callable(count_fn) and not (isinstance(count_fn, str) and count_fn in COUNTS):
+            raise ValueError(f"count_fn must be a callable or one of {', '.join(map(repr, COUNTS))}, got {count_fn!r}")
         self.min_micro_batch_size = min_micro_batch_size
-        self.count_fn, self.slice_fn = count_fn, slice_fn
+        self.count_fn = COUNTS[count_fn] if isinstance(count_fn, str) else count_fn
+        self.slice_fn = slice_fn
+        self._warned_labels = False
         self.eval_enabled = eval_micro_batch_size is not None
         # chosen sizes (None: the whole batch) and the smallest size that failed, per kind ("train" or an eval stage)
         self.sizes: dict[str, int | None] = {"train": None if micro_batch_size == "auto" else micro_batch_size}
@@ -174,6 +190,14 @@ class AutoMicroBatchCallback(Callback):
 
     def _training_step(self, original: Callable[..., Any], batch: Any, batch_idx: int, *args: Any, **kwargs: Any):
         trainer = self._trainer
+        if self.count_fn is None and not self._warned_labels and has_ignored_labels(batch):
+            self._warned_labels = True
+            rank_zero_warn(
+                "AutoMicroBatchCallback: the batch's `labels` hold -100 (ignored positions) and no count_fn was given, "
+                "so micro-batches are weighted by samples and a split batch is not exactly the whole batch: pass "
+                "count_fn='causal_lm_tokens' (Hugging Face causal LMs) or 'label_tokens' (masked LM, token "
+                "classification)"
+            )
         first_in_window = batch_idx % trainer.accumulate_grad_batches == 0
         if first_in_window:
             # Lightning zeroes gradients *after* training_step; the micro-batches back-propagate inside it
@@ -215,18 +239,24 @@ class AutoMicroBatchCallback(Callback):
         if len(bounds) > 1:
             self._warn_batchnorm()
         total = self._count(batch, n)
+        if total <= 0:
+            raise ValueError(f"count_fn returned {total:g} for a whole batch (batch {batch_idx}): it must be > 0")
         accumulate = self._trainer.accumulate_grad_batches
         loss: torch.Tensor | float = 0.0
-        for i, (start, end) in enumerate(bounds):
-            micro = self.slice_fn(batch, start, end) if self.slice_fn else slice_batch(batch, start, end, n)
+        micros = [self.slice_fn(batch, s, e) if self.slice_fn else slice_batch(batch, s, e, n) for s, e in bounds]
+        counts = [self._count(micro, end - start) for micro, (start, end) in zip(micros, bounds, strict=True)]
+        last = max(i for i, c in enumerate(counts) if c > 0)
+        for i, (micro, count) in enumerate(zip(micros, counts, strict=True)):
+            if count == 0:
+                continue  # weight 0; a mean over no units would be NaN
             output = original(micro, batch_idx, *args, **kwargs)
-            share = self._count(micro, end - start) / total
+            share = count / total
             weighted = _loss_of(output) * share
             # every backward runs here, inside the attempt, so an OOM in any of them is retried and a failed attempt
             # leaves no graph behind in Lightning's closure
             self._trainer.strategy.backward(weighted / accumulate, None)
             loss = loss + weighted.detach()
-            if i < len(bounds) - 1:
+            if i < last:
                 del output, weighted
         if self._trainer.world_size > 1:
             # DDP all-reduces gradients in the backward Lightning runs on the returned loss (the inner ones ran inside
@@ -240,7 +270,14 @@ class AutoMicroBatchCallback(Callback):
 
     def _count(self, batch: Any, samples: int) -> float:
         # a Python float: an integer tensor divided by another would give a float32 share (and float32 rounding)
-        return float(self.count_fn(batch)) if self.count_fn else float(samples)
+        if self.count_fn is None:
+            return float(samples)
+        value = self.count_fn(batch)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"count_fn must return a finite number >= 0 of loss units, got {value!r}")
+        return float(value)
 
     def _backward(self, original: Callable[..., Any], loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self._backprop_done:  # every micro-batch already back-propagated inside training_step

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import (
     BatchEncoding,
     BertConfig,
+    BertForMaskedLM,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -50,6 +51,8 @@ def hf_model(name: str, layers: int = 2, hidden: int = 64) -> nn.Module:
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
         return BertForSequenceClassification(config)
+    if name == "bert_mlm":
+        return BertForMaskedLM(BertConfig(**{**hf_model("bert").config.to_dict(), "architectures": None}))
     raise ValueError(name)
 
 
@@ -86,6 +89,8 @@ def hf_batches(name: str, n: int = 16, batch_size: int = 8, seq: int = 16, encod
     ids = ids * mask
     if name == "bert":
         labels = torch.randint(0, 3, (n,), generator=g)
+    elif name == "bert_mlm":  # about 15 % of the real tokens are predicted, as in BERT's pre-training
+        labels = ids.masked_fill((mask == 0) | (torch.rand(n, seq, generator=g) > 0.15), -100)
     else:
         labels = ids.masked_fill(mask == 0, -100)
     rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
