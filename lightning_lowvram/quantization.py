@@ -6,7 +6,13 @@ Backends (a registry: name -> (devices, transform, keeps gradients)):
   CPU only, while torch ships it; the fastest int8 path on CPU (benchmarks/RESULTS.md). Cuts autograd.
 - ``torchao_dynamic``: torchao ``Int8DynamicActivationInt8WeightConfig``; the CUDA path. Cuts autograd; on CPU it
   measured 0.71x fp32 latency on a 4 x 1024 MLP but 6.9x on the small digits MLP (benchmarks/RESULTS.md), so it is
-  never chosen there automatically.
+  never chosen there automatically. Its CUDA kernel rule (:func:`int8_kernel_ok`): torchao 0.18's eager matmul
+  (``torchao/kernel/intmm.py``, ``safe_int_mm``) runs cuBLAS int8 only when the inner and output sizes are multiples
+  of 8; for any other shape it copies *both* operands to the CPU, multiplies in int32 there and copies back, every
+  call. GPT-2's ``lm_head`` (50257 outputs) takes that path: the 1079x slowdown measured on an H200. Such layers stay
+  float. (On every shape it also makes the int8 weight contiguous after transposing it, a weight-sized copy per
+  call, and quantizes activations in separate eager kernels: a likely part of the 3.9x measured on a Linear-only GPT
+  with d_model 1024; not measured apart.)
 - ``torchao_weight_only``: torchao ``Int8WeightOnlyConfig`` (int8 weights, float activations); CPU and CUDA;
   gradients flow to the input, so it can hold a frozen base under trainable adapters (slower than fp32 on CPU).
 """
@@ -14,6 +20,7 @@ Backends (a registry: name -> (devices, transform, keeps gradients)):
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_lowvram.pruning_units import is_conv1d
 
 
 @dataclass(frozen=True)
@@ -87,12 +96,60 @@ def choose_backend(device: str | torch.device, backend: str = "auto") -> str:
 
 
 def is_linear(module: nn.Module, name: str = "") -> bool:
-    """Plain ``nn.Linear`` layers, not already quantized.
+    """Plain ``nn.Linear`` layers and Hugging Face ``Conv1D`` (GPT-2's Linear, stored transposed), not quantized.
 
     Subclasses are left alone: ``nn.MultiheadAttention`` reads its ``out_proj`` (a ``Linear`` subclass) weight
     directly, which is why torch marks it ``NonDynamicallyQuantizableLinear``.
     """
-    return type(module) is nn.Linear
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def features(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of a Linear or a Conv1D."""
+    return (layer.nx, layer.nf) if is_conv1d(layer) else (layer.in_features, layer.out_features)
+
+
+def as_linear(layer: nn.Module) -> nn.Module:
+    """A Conv1D as the equivalent ``nn.Linear`` (weight transposed, same device and dtype); a Linear unchanged.
+
+    Example:
+        >>> as_linear(nn.Linear(2, 3)).out_features
+        3
+
+    """
+    if not is_conv1d(layer):
+        return layer
+    linear = nn.Linear(layer.nx, layer.nf, device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight.t())
+        linear.bias.copy_(layer.bias)
+    linear.requires_grad_(layer.weight.requires_grad)
+    return linear
+
+
+def int8_kernel_ok(layer: nn.Module, backend: str, device: str | torch.device) -> bool:
+    """Whether ``backend`` runs this layer's int8 matmul on the device itself.
+
+    ``torchao_dynamic`` on CUDA needs in and out features that are multiples of 8 (torchao 0.18
+    ``kernel/intmm.py``: other shapes are multiplied on the CPU, both operands copied each call).
+
+    Example:
+        >>> int8_kernel_ok(nn.Linear(768, 50257), "torchao_dynamic", "cuda")
+        False
+
+    """
+    if backend != "torchao_dynamic" or torch.device(device).type != "cuda":
+        return True
+    return all(size % 8 == 0 for size in features(layer))
+
+
+def tied_layers(module: nn.Module) -> list[str]:
+    """Linear/Conv1D layers whose weight another module also holds (tied embeddings): int8 would add bytes."""
+    owners: dict[int, int] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [name for name, m in module.named_modules() if is_linear(m) and owners.get(id(m.weight), 0) > 1]
 
 
 def quantize_dynamic_int8(
@@ -117,8 +174,20 @@ def quantize_dynamic_int8(
     device = device or next((p.device for p in module.parameters()), torch.device("cpu"))
     name = choose_backend(device, backend)
     target = module if inplace else copy.deepcopy(module)
-    BACKENDS[name].apply(target, select)
+    chosen = {n for n, m in target.named_modules() if select(m, n)}
+    for layer_name in chosen:
+        layer = target.get_submodule(layer_name)
+        if is_conv1d(layer):  # quantized as the nn.Linear it is
+            _replace(target, layer_name, as_linear(layer))
+    BACKENDS[name].apply(target, lambda m, n: n in chosen and type(m) is nn.Linear)
     return target
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    if name:
+        root.set_submodule(name, new)
+    else:
+        raise ValueError("quantize the module's layers, not a lone Conv1D")
 
 
 def quantized_layers(module: nn.Module) -> list[str]:
@@ -154,9 +223,25 @@ def tensor_bytes(value: Any) -> int:
     return value.numel() * value.element_size()
 
 
+def state_dict_bytes(state: Any) -> int:
+    """Bytes of a state dict's tensors, each storage once (tied weights share one), as ``torch.save`` writes them."""
+    seen: set[Any] = set()
+    total = 0
+    for value in state.values():
+        if not isinstance(value, torch.Tensor):
+            total += tensor_bytes(value)  # torch.ao's packed (weight, bias) tuples
+            continue
+        key = id(value) if value.is_quantized or type(value) is not torch.Tensor else value.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor_bytes(value)
+    return total
+
+
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of everything in the module's ``state_dict`` (quantized weights counted as stored)."""
-    return sum(tensor_bytes(v) for v in module.state_dict().values())
+    """Bytes of the module's ``state_dict``, quantized weights as stored, shared (tied) tensors once."""
+    return state_dict_bytes(module.state_dict())
 
 
 def linear_bytes(module: nn.Module, names: Iterable[str] | None = None) -> int:
@@ -172,10 +257,32 @@ def linear_bytes(module: nn.Module, names: Iterable[str] | None = None) -> int:
     return total
 
 
+def median_seconds(fn: Callable[[], Any], device: str | torch.device, warmup: int = 1, repeats: int = 3) -> float:
+    """Median wall time of ``fn()`` after ``warmup`` untimed calls (compilation, autotuning), CUDA synchronised.
+
+    Example:
+        >>> median_seconds(lambda: None, "cpu") >= 0
+        True
+
+    """
+    cuda = torch.device(device).type == "cuda"
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def gradient_check(layer: nn.Module, quantized: nn.Module, samples: int = 4) -> float:
     """Cosine similarity of the input gradients through ``layer`` (float) and its ``quantized`` copy; 0 if none."""
     param = next(layer.parameters())
-    x = torch.randn(samples, layer.in_features, device=param.device, dtype=param.dtype, requires_grad=True)
+    x = torch.randn(samples, features(layer)[0], device=param.device, dtype=param.dtype, requires_grad=True)
     layer(x).square().sum().backward()
     expected, x.grad = x.grad.detach().clone(), None
     try:

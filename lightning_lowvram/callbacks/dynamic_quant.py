@@ -19,15 +19,22 @@ from lightning_lowvram.batching import batch_size_of
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.quantization import (
     BACKENDS,
+    as_linear,
+    available_backends,
     choose_backend,
     gradient_check,
+    int8_kernel_ok,
     is_linear,
     linear_bytes,
+    median_seconds,
     module_bytes,
     quantize_dynamic_int8,
+    tied_layers,
 )
 
 STAGES = {"validate": ("validation_step", "val_dataloaders"), "test": ("test_step", "test_dataloaders")}
+_STEPS = {**STAGES, "predict": ("predict_step", "predict_dataloaders")}
+FLOAT = "float"  # what backend="auto" keeps on CUDA when no int8 path measured faster
 STAGES_ALL = (*STAGES, "predict")
 
 
@@ -44,13 +51,22 @@ class DynamicQuantCallback(Callback):
     training, in place, for QLoRA-style adapter training; a self-test at setup checks that gradients flow through
     the quantized layers as through the float ones, and backends that cut autograd are refused.
 
+    Linear layers and Hugging Face ``Conv1D`` (GPT-2) are converted; a layer whose weight is tied to an embedding
+    stays float (int8 would add a copy beside the float embedding), and so does one whose shape the backend's CUDA
+    kernel does not take (:func:`lightning_lowvram.quantization.int8_kernel_ok`); one warning names them.
+    ``backend="auto"`` on CUDA (and ``"measure"`` anywhere) times the stage's step on its first batch in float and with
+    each int8 backend (one untimed warm-up call each, median of 3) and keeps the fastest, float included, with a
+    warning when int8 lost (tested on CPU; no GPU has run it yet); on CPU ``"auto"`` is ``torch_ao``, the fastest
+    measured there (benchmarks/RESULTS.md).
+
     The one trap: dynamic int8 backends cut autograd, so they are for evaluation only; ``torch_ao`` (the CPU default)
     runs on CPU only.
 
     Args:
         stages: Stages run in int8: any of ``"validate"``, ``"test"``, ``"predict"``.
         compare: Run float and int8 side by side after each validate/test stage.
-        backend: ``"auto"`` (the fastest int8 path on the device) or one of
+        backend: ``"auto"`` (CPU: ``torch_ao``; CUDA: as ``"measure"``), ``"measure"`` (time float and every int8
+            backend on the stage's first batch, keep the fastest, float included) or one of
             :data:`lightning_lowvram.quantization.BACKENDS`.
         save_path: Where to write the int8 weights and the recipe after a quantized stage
             (load with :func:`load_quantized`).
@@ -80,14 +96,18 @@ class DynamicQuantCallback(Callback):
         unknown = [s for s in stages if s not in STAGES_ALL]
         if unknown:
             raise ValueError(f"stages must be among {', '.join(map(repr, STAGES_ALL))}, got {unknown}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if backend not in ("auto", "measure") and backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be 'auto', 'measure' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
+            )
         self.stages, self.compare, self.backend = stages, compare, backend
         self.save_path, self.freeze_base, self.print_table = save_path, freeze_base, print_table
         self.comparison: dict[str, dict[str, dict[str, float]]] = {}  # stage -> row -> {"float", "int8"}
         self.frozen: list[str] = []
         self._stash: dict[str, nn.Module] = {}
         self._chosen: str | None = None
+        self.kept_float: dict[str, str] = {}  # layer -> why it stays float
+        self.measured: dict[str, str] = {}  # stage -> fastest path on CUDA with backend="auto" (or "float")
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -95,25 +115,26 @@ class DynamicQuantCallback(Callback):
         if stage == "fit" and self.freeze_base and not self.frozen:
             self._freeze_base(pl_module, device)
         if any(s in self.stages for s in ("validate", stage)):
-            self._chosen = choose_backend(device, self.backend)  # unsupported here: a clear error now
+            if self.backend != "measure":
+                self._chosen = choose_backend(device, self.backend)  # unsupported here: a clear error now
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "validate" in self.stages and not trainer.sanity_checking:
-            self._swap_in(pl_module)
+            self._start(trainer, pl_module, "validate")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage_end(trainer, pl_module, "validate")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "test" in self.stages:
-            self._swap_in(pl_module)
+            self._start(trainer, pl_module, "test")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage_end(trainer, pl_module, "test")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "predict" in self.stages:
-            self._swap_in(pl_module)
+            self._start(trainer, pl_module, "predict")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage_end(trainer, pl_module, "predict")
@@ -129,15 +150,74 @@ class DynamicQuantCallback(Callback):
         return "\n".join(format_comparison(stage, rows) for stage, rows in self.comparison.items())
 
     # -- int8 for a stage ---------------------------------------------------------------------------------------
-    def _swap_in(self, pl_module: L.LightningModule) -> None:
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.backend == "measure" or (self.backend == "auto" and pl_module.device.type == "cuda"):
+            if stage not in self.measured:
+                self.measured[stage] = self._fastest(trainer, pl_module, stage)
+            self._chosen = self.measured[stage]
+        if self._chosen != FLOAT:
+            self._swap_in(pl_module, self._chosen or "auto")
+
+    def _layers(self, pl_module: nn.Module, backend: str) -> list[str]:
+        """Layers to convert; the others, with the reason, in ``kept_float`` (one warning)."""
+        tied = set(tied_layers(pl_module))
+        names, kept = [], {}
+        for name, m in pl_module.named_modules():
+            if not is_linear(m) or name in self.frozen:
+                continue
+            if name in tied:
+                kept[name] = "weight tied to another module: int8 would add a copy beside the float one"
+            elif not int8_kernel_ok(m, backend, pl_module.device):
+                kept[name] = f"{backend} on CUDA has no int8 kernel for this shape (it multiplies on the CPU)"
+            else:
+                names.append(name)
+        if kept and kept != self.kept_float:
+            rank_zero_warn(
+                "DynamicQuantCallback: kept in float: " + "; ".join(f"{n} ({why})" for n, why in kept.items())
+            )
+        self.kept_float = kept
+        return names
+
+    def _swap_in(self, pl_module: L.LightningModule, backend: str) -> None:
         if self._stash:
             return
-        names = [name for name, m in pl_module.named_modules() if is_linear(m) and name not in self.frozen]
-        box = nn.ModuleList(copy.deepcopy(pl_module.get_submodule(n)) for n in names).eval()
-        quantize_dynamic_int8(box, self._chosen or "auto", device=pl_module.device, inplace=True)
+        names = self._layers(pl_module, choose_backend(pl_module.device, backend))
+        box = nn.ModuleList(as_linear(copy.deepcopy(pl_module.get_submodule(n))) for n in names).eval()
+        quantize_dynamic_int8(box, backend, device=pl_module.device, inplace=True)
         for name, int8 in zip(names, box, strict=True):
             self._stash[name] = pl_module.get_submodule(name)
             pl_module.set_submodule(name, int8)
+
+    def _fastest(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> str:
+        """Time the stage's step on its first batch in float and with each int8 backend; the fastest wins."""
+        step_name, loaders_attr = _STEPS[stage]
+        loaders = getattr(trainer, loaders_attr)
+        loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+        batch = trainer.strategy.batch_to_device(next(iter(loader)))
+        step = getattr(pl_module, step_name)
+
+        def run() -> None:
+            with torch.inference_mode():
+                step(batch, 0)
+
+        undo = patch_method(pl_module, "log", lambda original, *args, **kwargs: None)
+        times: dict[str, float] = {}
+        try:
+            times[FLOAT] = median_seconds(run, pl_module.device)
+            for backend in available_backends(pl_module.device):
+                self._swap_in(pl_module, backend)
+                times[backend] = median_seconds(run, pl_module.device)
+                self._swap_out(pl_module)
+        finally:
+            undo()
+        best = min(times, key=times.__getitem__)
+        if best == FLOAT:
+            rank_zero_warn(
+                f"DynamicQuantCallback: no int8 backend was faster than float on this {stage} step here ("
+                + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
+                + "): running float; pass backend= to force one"
+            )
+        return best
 
     def _swap_out(self, pl_module: L.LightningModule) -> None:
         for name, original in self._stash.items():
@@ -148,7 +228,8 @@ class DynamicQuantCallback(Callback):
         if not self._stash:
             return
         if self.save_path:
-            save_quantized(pl_module, self.save_path, self._chosen or "auto", list(self._stash))
+            backend = choose_backend(pl_module.device, self._chosen or "auto")
+            save_quantized(pl_module, self.save_path, backend, list(self._stash))
         if self.compare and stage in STAGES:
             names = list(self._stash)
             int8 = _evaluate(trainer, pl_module, stage)
@@ -177,7 +258,8 @@ class DynamicQuantCallback(Callback):
 
     # -- frozen base --------------------------------------------------------------------------------------------
     def _freeze_base(self, pl_module: L.LightningModule, device: torch.device) -> None:
-        name = "torchao_weight_only" if self.backend == "auto" else choose_backend(device, self.backend)
+        auto = self.backend in ("auto", "measure")
+        name = "torchao_weight_only" if auto else choose_backend(device, self.backend)
         if not BACKENDS[name].keeps_gradients:
             raise ValueError(
                 f"backend={name!r} cuts autograd: layers under trainable ones would silently get no gradient; "
@@ -190,7 +272,7 @@ class DynamicQuantCallback(Callback):
             raise ValueError(
                 "freeze_base=True found no frozen Linear layer: freeze the base first (requires_grad_(False))"
             )
-        box = nn.ModuleList(copy.deepcopy(pl_module.get_submodule(n)) for n in frozen)
+        box = nn.ModuleList(as_linear(copy.deepcopy(pl_module.get_submodule(n))) for n in frozen)
         quantize_dynamic_int8(box, name, device=device, inplace=True)
         for layer_name, int8 in zip(frozen, box, strict=True):
             similarity = gradient_check(pl_module.get_submodule(layer_name), int8)
