@@ -20,6 +20,7 @@ fused GPT-2 attention   ``c_attn`` + ``c_proj`` (HF ``Conv1D``), ``split_size`` 
 gated MLP               ``gate_proj``/``up_proj`` + ``down_proj``                     Llama, Mistral, Qwen2
 GPT-2 MLP               ``c_fc`` + ``c_proj`` (``Conv1D``)                            GPT-2
 BERT feed-forward       ``intermediate.dense`` + ``output.dense``                     BERT, RoBERTa
+torch feed-forward      ``linear1`` + ``linear2`` beside ``self_attn``                ``nn.Transformer*Layer``
 ======================  ==========================================================  ==========================
 
 After pruning, the heads/widths attributes the modules' forwards read are rewritten, and a Hugging Face config is
@@ -206,8 +207,21 @@ def _bert_ffn(name: str, m: nn.Module) -> Unit | None:
     return Unit(name, "mlp", m, up.out_features, _sites([(up, 0, ids), (down, 1, ids)]), lambda n: None)
 
 
+def _torch_ffn(name: str, m: nn.Module) -> Unit | None:
+    """The feed-forward of ``nn.TransformerEncoderLayer``/``DecoderLayer``.
+
+    Its attention keeps its heads: an ``nn.MultiheadAttention``'s inner width is its embedding width, which this
+    pruning keeps.
+    """
+    up, down = getattr(m, "linear1", None), getattr(m, "linear2", None)
+    if not (_linear(up) and _linear(down) and isinstance(getattr(m, "self_attn", None), nn.MultiheadAttention)):
+        return None
+    ids = _channels(up.out_features)
+    return Unit(name, "mlp", m, up.out_features, _sites([(up, 0, ids), (down, 1, ids)]), lambda n: None)
+
+
 MATCHERS: tuple[Callable[[str, nn.Module], Unit | None], ...] = (
-    _separate_qkv, _bert_attention, _gpt2_attention, _gated_mlp, _gpt2_mlp, _bert_ffn,
+    _separate_qkv, _bert_attention, _gpt2_attention, _gated_mlp, _gpt2_mlp, _bert_ffn, _torch_ffn,
 )  # fmt: skip
 
 

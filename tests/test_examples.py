@@ -27,3 +27,13 @@ def test_hydra_app_example(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["t4_16gb", "14.75", "['MemoryReportCallback']"]
+
+
+@pytest.mark.slow
+def test_hf_finetune_example(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hf_finetune.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch 16 ran as micro-batches of 4" in proc.stdout
+    assert "int8/float" in proc.stdout + proc.stderr and "test loss: float" in proc.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -154,8 +155,8 @@ class PruningCallback(Callback):
         self._example = _example_inputs(trainer, pl_module)
         inputs, forward = self._example
         self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs, forward), self._types)
-        if self.method == "structured":
-            check_layouts(pl_module, self.ignore, self.scope == "global")
+        if self.method == "structured" and not check_layouts(pl_module, self.ignore, self.scope == "global"):
+            self._dry_run(trainer, pl_module)
         self.original_parameters = self.original_parameters or _count(pl_module)
         self.original_channels = self.original_channels or channels(pl_module)
         if self.schedule == "once" and -1 not in self.events:
@@ -281,6 +282,25 @@ class PruningCallback(Callback):
             f"PruningCallback: {self.method} {target:.3f} at step {max(event, 0)}: "
             f"{stats['parameters']:,} parameters, sparsity {stats['sparsity']:.3f}"
         )
+
+    def _dry_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Prune a copy by the dependency graph and run it: a model it would break is an error now, not mid-fit."""
+        assert self._example is not None
+        inputs, forward = self._example
+        trial = copy.deepcopy(pl_module, {id(trainer): None})  # the module's weights, not the trainer
+        try:
+            prune_structured(trial, self.amount, inputs, forward=forward, criterion=self.criterion, ignore=self.ignore)
+            with torch.no_grad():
+                (forward or call)(trial, inputs)
+        except Exception as exc:  # whatever the pruned copy raises: the user's model is untouched
+            raise ValueError(
+                f"PruningCallback: structured pruning at amount={self.amount} leaves {type(pl_module).__name__} "
+                f"unable to run ({type(exc).__name__}: {exc}). A tensor the dependency graph does not see (a buffer "
+                "added to activations, a reshape to a fixed size) keeps its width: ignore=[...] the layers that feed "
+                "it, or use method='unstructured'"
+            ) from exc
+        finally:
+            del trial
 
     def _hook_optimizers(self, trainer: L.Trainer) -> None:
         self._remove_hooks()

@@ -147,3 +147,59 @@ def test_batch_encoding_batches_work_like_dicts():
     loader = hf_batches("bert", encoding=True)
     quiet_trainer(max_steps=2, callbacks=[PruningCallback(0.5, schedule="once")]).fit(module, loader)
     assert module.model.bert.encoder.layer[0].attention.self.num_attention_heads == 2
+
+
+def test_lightnings_own_demo_transformer_with_forward_of_two_inputs():
+    from lightning.pytorch.demos import LightningTransformer
+
+    class NoDownload(LightningTransformer):
+        def prepare_data(self):  # the demo fetches WikiText-2 here; the test brings its own tokens
+            pass
+
+    torch.manual_seed(0)
+    module = NoDownload(vocab_size=64)
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randint(0, 64, (8, 12), generator=g), torch.randint(0, 64, (8, 12), generator=g)
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    before = _params(module)
+    quiet_trainer(max_steps=2, callbacks=[PruningCallback(0.5, schedule="once")]).fit(module, loader)
+    assert _params(module) < before
+
+
+class PositionalNet(nn.Module):
+    """A positional-encoding buffer added to the embeddings: a width the dependency graph cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.register_buffer("pe", torch.randn(1, 16, 32))
+        self.hidden = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 50)
+
+    def forward(self, idx):
+        return self.out(torch.relu(self.hidden(self.embed(idx) + self.pe[:, : idx.shape[1]])))
+
+
+def test_a_model_the_pruned_graph_would_break_is_an_error_at_setup_and_left_untouched():
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = PositionalNet()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]).flatten(0, 1), batch[1].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    ids = torch.randint(0, 50, (8, 16))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, ids), batch_size=4)
+    with pytest.raises(ValueError, match="leaves Module unable to run .*method='unstructured'"):
+        quiet_trainer(max_steps=1, callbacks=[PruningCallback(0.5)]).fit(module, loader)
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
