@@ -160,7 +160,9 @@ def quantize_dynamic_int8(
     select: Callable[[nn.Module, str], bool] = is_linear,
     inplace: bool = False,
 ) -> nn.Module:
-    """Int8 copy (or ``inplace``) of ``module`` with its Linear layers quantized by ``backend``.
+    """Int8 copy (or ``inplace``) of ``module`` with its Linear/Conv1D layers quantized by ``backend``.
+
+    Layers whose weight is tied to another module (GPT-2's ``lm_head`` and its embedding) stay float.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -174,7 +176,8 @@ def quantize_dynamic_int8(
     device = device or next((p.device for p in module.parameters()), torch.device("cpu"))
     name = choose_backend(device, backend)
     target = module if inplace else copy.deepcopy(module)
-    chosen = {n for n, m in target.named_modules() if select(m, n)}
+    tied = set(tied_layers(target))  # int8 would add a copy beside the float tensor the other module keeps
+    chosen = {n for n, m in target.named_modules() if select(m, n) and n not in tied}
     for layer_name in chosen:
         layer = target.get_submodule(layer_name)
         if is_conv1d(layer):  # quantized as the nn.Linear it is

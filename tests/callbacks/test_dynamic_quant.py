@@ -100,7 +100,7 @@ def test_freeze_base_refuses_a_backend_that_cuts_autograd_and_needs_frozen_layer
     ("kwargs", "match"),
     [
         ({"stages": ["train"]}, "stages must be among 'validate', 'test', 'predict', got \\['train'\\]"),
-        ({"backend": "int4"}, "backend must be 'auto' or one of"),
+        ({"backend": "int4"}, "backend must be 'auto', 'measure' or one of"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -34,20 +34,20 @@ def hf_model(name: str, layers: int = 2, hidden: int = 64) -> nn.Module:
     if name == "gpt2":
         config = GPT2Config(
             bos_token_id=0, eos_token_id=0,
-            vocab_size=VOCAB, n_positions=64, n_embd=hidden, n_layer=layers, n_head=4,
+            vocab_size=VOCAB, n_positions=128, n_embd=hidden, n_layer=layers, n_head=4,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )  # fmt: skip
         return GPT2LMHeadModel(config)
     if name == "llama":
         config = LlamaConfig(
             vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         )  # fmt: skip
         return LlamaForCausalLM(config)
     if name == "bert":
         config = BertConfig(
             vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-            intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=3,
+            intermediate_size=2 * hidden, max_position_embeddings=128, num_labels=3,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
         return BertForSequenceClassification(config)
