@@ -8,8 +8,6 @@ from lightning_lowvram.callbacks import (
     EightBitOptimizerCallback,
     MemoryReportCallback,
     PruningCallback,
-    load_pruned,
-    load_quantized,
 )
 from lightning_lowvram.memory import (
     GPUProfile,
@@ -22,6 +20,8 @@ from lightning_lowvram.memory import (
     memory_budget,
 )
 from lightning_lowvram.planner import MemoryEstimate, estimate_step_memory
+from lightning_lowvram.pruning import load_pruned
+from lightning_lowvram.quantization import load_quantized
 
 __version__ = "0.1.0"
 

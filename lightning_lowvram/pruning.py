@@ -15,6 +15,7 @@ import fnmatch
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from lightning_lowvram.pruning_units import (
     Unit,
+    conform_to_state_dict,
     find_units,
     is_conv1d,
     prune_units,
@@ -452,3 +454,47 @@ def state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = 
         "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
         "optimizer": sum(t.numel() * t.element_size() for t in state),
     }
+
+
+def load_pruned(module: nn.Module, checkpoint_path: str | Path) -> nn.Module:
+    """Give a fresh ``module`` the shapes of a checkpoint written while PruningCallback ran, then load it.
+
+    Works for a checkpoint from any point of the schedule (before, during or after pruning). The checkpoint is read
+    with ``torch.load(weights_only=True)``: it holds tensors and plain data, no pickled module. Masks of an
+    unfinished unstructured run are applied.
+
+    Raises:
+        ValueError: If the file is not a Lightning checkpoint with PruningCallback state, or ``module`` is not the
+            architecture it was pruned from (naming the first layer or tensor that differs).
+
+    Example:
+        >>> # model = load_pruned(DigitsMLP(hidden=128), "last.ckpt")
+
+    """
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{checkpoint_path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    states = [v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("PruningCallback")]
+    if "state_dict" not in checkpoint or not states:
+        raise ValueError(f"{checkpoint_path}: not a Lightning checkpoint written while PruningCallback ran")
+    state = checkpoint["state_dict"]
+    for recorded in states:
+        here = channels(module)
+        for name, width in recorded["original_channels"].items():
+            if here.get(name) != width:
+                raise ValueError(
+                    f"{checkpoint_path} was pruned from another model: {name!r} started with {width} channels there, "
+                    f"{here.get(name, 'no such layer')} here"
+                )
+    keys, saved = set(module.state_dict()), set(state)
+    if keys != saved:
+        first = sorted(keys ^ saved)[0]
+        where = "the checkpoint" if first in saved else type(module).__name__
+        raise ValueError(f"{checkpoint_path} was saved from another model: {first!r} is only in {where}")
+    conform_to_state_dict(module, state)
+    module.load_state_dict(state)
+    layers = dict(module.named_modules())
+    for recorded in states:
+        apply_masks({name: layers[name] for name in recorded["masks"]}, recorded["masks"])
+    return module

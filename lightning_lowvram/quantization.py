@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -295,3 +296,63 @@ def gradient_check(layer: nn.Module, quantized: nn.Module, samples: int = 4) -> 
     if x.grad is None:
         return 0.0
     return float(nn.functional.cosine_similarity(expected.flatten(), x.grad.flatten(), dim=0))
+
+
+def save_quantized(module: nn.Module, path: str | Path, backend: str, layers: list[str]) -> None:
+    """Write the module's state (its int8 layers as they are now) and the recipe to rebuild them."""
+    recipe = {"backend": backend, "layers": layers, "torch": str(torch.__version__)}
+    torch.save({"recipe": recipe, "state_dict": module.state_dict()}, path)
+
+
+def load_quantized(module: nn.Module, path: str | Path) -> nn.Module:
+    """Quantize a fresh float ``module`` as the recipe says and load the int8 weights (``weights_only=True``).
+
+    Raises:
+        ValueError: If the file is not an artifact of :func:`save_quantized`, or was saved from a model of other
+            layers or shapes (naming the first that differs).
+
+    Example:
+        >>> # model = load_quantized(DigitsMLP(hidden=128), "digits_int8.pt")
+
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable int8 artifact ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(saved, dict) or "recipe" not in saved or "state_dict" not in saved:
+        raise ValueError(f"{path}: not an int8 artifact of DynamicQuantCallback(save_path=...) (no recipe)")
+    recipe, state = saved["recipe"], saved["state_dict"]
+    layers = set(recipe["layers"])
+    expected = {}
+    for name, m in module.named_modules():
+        if name in layers:
+            if not is_linear(m):
+                raise ValueError(f"{path} quantized layer {name!r}, which {type(module).__name__} does not have")
+            inp, out = features(m)
+            expected[name] = (out, inp)
+    missing = layers - set(expected)
+    if missing:
+        raise ValueError(f"{path} quantized layer {sorted(missing)[0]!r}, which {type(module).__name__} does not have")
+    for name, shape in expected.items():
+        found = _int8_weight_shape(state, name)
+        if found is not None and found != shape:
+            raise ValueError(
+                f"{path} was saved from another model: layer {name!r} is {found[0]} x {found[1]} there, "
+                f"{shape[0]} x {shape[1]} here"
+            )
+    quantize_dynamic_int8(module, recipe["backend"], device="cpu", select=lambda m, n: n in layers, inplace=True)
+    here = module.state_dict()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and key in here and here[key].shape != value.shape:
+            there, mine = tuple(value.shape), tuple(here[key].shape)
+            raise ValueError(f"{path} was saved from another model: {key} is {there} there, {mine} here")
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def _int8_weight_shape(state: Any, layer: str) -> tuple[int, int] | None:
+    """``(out, in)`` of a quantized layer's weight in a saved state dict (torch.ao keeps it in a packed tuple)."""
+    value = state.get(f"{layer}.weight", state.get(f"{layer}._packed_params._packed_params"))
+    if isinstance(value, tuple | list):
+        value = value[0]
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None

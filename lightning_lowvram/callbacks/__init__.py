@@ -2,10 +2,10 @@
 
 from lightning_lowvram.callbacks.activation_checkpointing import ActivationCheckpointingCallback
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
-from lightning_lowvram.callbacks.dynamic_quant import DynamicQuantCallback, load_quantized
+from lightning_lowvram.callbacks.dynamic_quant import DynamicQuantCallback
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.callbacks.optimizer_8bit import EightBitOptimizerCallback
-from lightning_lowvram.callbacks.pruning import PruningCallback, load_pruned
+from lightning_lowvram.callbacks.pruning import PruningCallback
 
 __all__ = [
     "ActivationCheckpointingCallback",
@@ -13,7 +13,5 @@ __all__ = [
     "DynamicQuantCallback",
     "EightBitOptimizerCallback",
     "MemoryReportCallback",
-    "load_quantized",
     "PruningCallback",
-    "load_pruned",
 ]

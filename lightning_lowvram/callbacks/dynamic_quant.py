@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,6 +28,7 @@ from lightning_lowvram.quantization import (
     median_seconds,
     module_bytes,
     quantize_dynamic_int8,
+    save_quantized,
     tied_layers,
 )
 
@@ -338,24 +338,3 @@ def format_comparison(stage: str, rows: dict[str, dict[str, float]]) -> str:
         ratio = row["int8"] / row["float"] if row["float"] else float("nan")
         lines.append(f"  {key:28} {row['float']:>12.4g} {row['int8']:>12.4g} {ratio:>10.3f}")
     return "\n".join(lines)
-
-
-def save_quantized(module: nn.Module, path: str | Path, backend: str, layers: list[str]) -> None:
-    """Write the module's state (its int8 layers as they are now) and the recipe to rebuild them."""
-    recipe = {"backend": backend, "layers": layers, "torch": str(torch.__version__)}
-    torch.save({"recipe": recipe, "state_dict": module.state_dict()}, path)
-
-
-def load_quantized(module: nn.Module, path: str | Path) -> nn.Module:
-    """Quantize a fresh float ``module`` as the recipe says and load the int8 weights (``weights_only=True``).
-
-    Example:
-        >>> # model = load_quantized(DigitsMLP(hidden=128), "digits_int8.pt")
-
-    """
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    recipe = saved["recipe"]
-    layers = set(recipe["layers"])
-    quantize_dynamic_int8(module, recipe["backend"], device="cpu", select=lambda m, n: n in layers, inplace=True)
-    module.load_state_dict(saved["state_dict"])
-    return module.eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -328,27 +327,6 @@ class PruningCallback(Callback):
             original(checkpoint)
 
         self._undo = patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint)
-
-
-def load_pruned(module: nn.Module, checkpoint_path: str | Path) -> nn.Module:
-    """Give a fresh ``module`` the shapes of a checkpoint written while PruningCallback ran, then load it.
-
-    Works for a checkpoint from any point of the schedule (before, during or after pruning). The checkpoint is read
-    with ``torch.load(weights_only=True)``: it holds tensors and plain data, no pickled module. Masks of an
-    unfinished unstructured run are applied.
-
-    Example:
-        >>> # model = load_pruned(DigitsMLP(hidden=128), "last.ckpt")
-
-    """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    conform_to_state_dict(module, checkpoint["state_dict"])
-    module.load_state_dict(checkpoint["state_dict"])
-    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PruningCallback")]
-    layers = dict(module.named_modules())
-    for state in states:
-        apply_masks({name: layers[name] for name in state["masks"]}, state["masks"])
-    return module
 
 
 def _rebuild_optimizers(trainer: L.Trainer) -> None:

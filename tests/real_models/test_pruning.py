@@ -203,3 +203,23 @@ def test_a_model_the_pruned_graph_would_break_is_an_error_at_setup_and_left_unto
     with pytest.raises(ValueError, match="leaves Module unable to run .*method='unstructured'"):
         quiet_trainer(max_steps=1, callbacks=[PruningCallback(0.5)]).fit(module, loader)
     assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+
+
+def test_load_pruned_refuses_another_architecture_naming_the_layer(tmp_path):
+    module, loader = build("gpt2")
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer = quiet_trainer(
+        max_steps=2, callbacks=[PruningCallback(0.5, schedule="once"), saver], enable_checkpointing=True
+    )
+    trainer.fit(module, loader)
+    from tests.real_models.models import HFModule
+
+    with pytest.raises(
+        ValueError, match=r"pruned from another model: 'model.transformer.wte' started with 64 channels there, 32 here"
+    ):
+        load_pruned(HFModule(hf_model("gpt2", hidden=32)), tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match=r"'model.transformer.h.2.attn.c_attn.bias' is only in HFModule"):
+        load_pruned(HFModule(hf_model("gpt2", layers=3)), tmp_path / "last.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint written while PruningCallback ran"):
+        load_pruned(build("gpt2")[0], tmp_path / "plain.ckpt")

@@ -89,3 +89,25 @@ def test_cuda_kernel_rule_keeps_odd_shapes_float():
     assert int8_kernel_ok(nn.Linear(1024, 4096), "torchao_dynamic", "cuda")
     assert int8_kernel_ok(nn.Linear(768, 50257), "torchao_dynamic", "cpu")
     assert int8_kernel_ok(nn.Linear(768, 50257), "torchao_weight_only", "cuda")
+
+
+def test_an_artifact_of_another_model_or_no_artifact_is_one_clear_error(tmp_path):
+    module, loader = build("llama")
+    artifact = tmp_path / "int8.pt"
+    _test(module, loader, DynamicQuantCallback(stages=("test",), save_path=str(artifact), print_table=False))
+    from tests.real_models.models import HFModule
+
+    other = HFModule(hf_model("llama", hidden=32))
+    with pytest.raises(
+        ValueError,
+        match=r"saved from another model: layer 'model.model.layers.0.self_attn.q_proj' is 64 x 64 there, 32 x 32 here",
+    ):
+        load_quantized(other, artifact)
+    checkpoint = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": module.state_dict()}, checkpoint)
+    with pytest.raises(ValueError, match="not an int8 artifact"):
+        load_quantized(build("llama")[0], checkpoint)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(artifact.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable int8 artifact"):
+        load_quantized(build("llama")[0], truncated)
