@@ -78,10 +78,10 @@ def slice_batch(batch: Any, start: int, end: int, size: int | None = None) -> An
     return batch
 
 
-def _labels(batch: Any) -> torch.Tensor:
+def _labels(batch: Any, preset: str) -> torch.Tensor:
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
     if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"this count needs a dict batch with a 'labels' tensor, got a {type(batch).__name__}")
+        raise ValueError(f"count_fn={preset!r} needs a dict batch with a 'labels' tensor, got a {type(batch).__name__}")
     return labels
 
 
@@ -93,7 +93,7 @@ def causal_lm_tokens(batch: Mapping[str, Any]) -> int:
         1
 
     """
-    return int((_labels(batch)[..., 1:] != -100).sum())
+    return int((_labels(batch, "causal_lm_tokens")[..., 1:] != -100).sum())
 
 
 def label_tokens(batch: Mapping[str, Any]) -> int:
@@ -104,7 +104,7 @@ def label_tokens(batch: Mapping[str, Any]) -> int:
         2
 
     """
-    return int((_labels(batch) != -100).sum())
+    return int((_labels(batch, "label_tokens") != -100).sum())
 
 
 COUNTS: dict[str, Callable[[Any], int]] = {"causal_lm_tokens": causal_lm_tokens, "label_tokens": label_tokens}
