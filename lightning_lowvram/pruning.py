@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_lowvram._files import load_weights_only
 from lightning_lowvram.pruning_units import (
     Unit,
     conform_to_state_dict,
@@ -471,10 +472,7 @@ def load_pruned(module: nn.Module, checkpoint_path: str | Path) -> nn.Module:
         >>> # model = load_pruned(DigitsMLP(hidden=128), "last.ckpt")
 
     """
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{checkpoint_path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    checkpoint = load_weights_only(checkpoint_path, "checkpoint")
     states = [v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("PruningCallback")]
     if "state_dict" not in checkpoint or not states:
         raise ValueError(f"{checkpoint_path}: not a Lightning checkpoint written while PruningCallback ran")

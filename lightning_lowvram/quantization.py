@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lowvram._files import load_weights_only
 from lightning_lowvram.pruning_units import is_conv1d
 
 
@@ -315,10 +316,7 @@ def load_quantized(module: nn.Module, path: str | Path) -> nn.Module:
         >>> # model = load_quantized(DigitsMLP(hidden=128), "digits_int8.pt")
 
     """
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable int8 artifact ({type(exc).__name__}: {exc})") from exc
+    saved = load_weights_only(path, "int8 artifact")
     if not isinstance(saved, dict) or "recipe" not in saved or "state_dict" not in saved:
         raise ValueError(f"{path}: not an int8 artifact of DynamicQuantCallback(save_path=...) (no recipe)")
     recipe, state = saved["recipe"], saved["state_dict"]

@@ -7,12 +7,17 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.slow
-def test_own_module_example(tmp_path):
+def _run(script: str, cwd) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "own_module.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, str(EXAMPLES / script)], cwd=cwd, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_own_module_example(tmp_path):
+    proc = _run("own_module.py", tmp_path)
     assert "usable on rtx3060_12gb" in proc.stdout
 
 
@@ -31,9 +36,6 @@ def test_hydra_app_example(tmp_path):
 
 @pytest.mark.slow
 def test_hf_finetune_example(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "hf_finetune.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run("hf_finetune.py", tmp_path)
     assert "batch 16 ran as micro-batches of 4" in proc.stdout
     assert "int8/float" in proc.stdout + proc.stderr and "test loss: float" in proc.stdout

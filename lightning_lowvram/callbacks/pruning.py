@@ -347,8 +347,7 @@ def _rebuild_optimizers(trainer: L.Trainer) -> None:
 def _example_inputs(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, Forward | None]:
     """What traces the model: ``example_input_array`` through ``forward``, else ``training_step`` on 2 samples."""
     if pl_module.example_input_array is not None:
-        inputs = pl_module.example_input_array
-        return (inputs if isinstance(inputs, dict | tuple) else inputs), None
+        return pl_module.example_input_array, None
     batch = None
     source = trainer.fit_loop._data_source
     if source.is_defined():
@@ -366,16 +365,12 @@ def _training_step(module: nn.Module, batch: Any) -> Any:
     """The module's own ``training_step`` (the class's: not a callback's wrapper), logging silenced; its loss."""
     if not isinstance(module, L.LightningModule):
         return call(module, batch)
-    silenced = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    module.__dict__.update(log=lambda *a, **k: None, log_dict=lambda *a, **k: None)
+    undo = [patch_method(module, name, lambda original, *a, **k: None) for name in ("log", "log_dict")]
     try:
         output = type(module).training_step(module, batch, 0)
     finally:
-        for name, value in silenced.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
+        for put_back in reversed(undo):
+            put_back()
     loss = output.get("loss") if isinstance(output, dict) else output
     if not isinstance(loss, torch.Tensor):
         raise MisconfigurationException(
