@@ -68,7 +68,7 @@ def test_gpt2_frozen_conv1d_base_becomes_int8_and_gradients_flow():
 
 
 def test_measure_keeps_the_fastest_path_float_included():
-    module, loader = build("llama")
+    module, loader = build("gpt2")  # every backend runs on GPT-2's Conv1D layers
     callback = DynamicQuantCallback(stages=("test",), backend="measure", print_table=False)
     _test(module, loader, callback)
     assert callback.measured["test"] in ("float", "torch_ao", "torchao_dynamic", "torchao_weight_only")
@@ -111,3 +111,15 @@ def test_an_artifact_of_another_model_or_no_artifact_is_one_clear_error(tmp_path
     truncated.write_bytes(artifact.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable int8 artifact"):
         load_quantized(build("llama")[0], truncated)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_never_runs_slower_than_float():
+    """On a GPU: GPT-2 (Conv1D layers, tied lm_head kept float), the path measured fastest at the first batch."""
+    module, loader = build("gpt2")
+    callback = DynamicQuantCallback(stages=("test",), print_table=False)
+    quiet_trainer(accelerator="cuda", callbacks=[callback]).test(module, loader, verbose=False)
+    assert callback.measured["test"] in ("float", "torchao_dynamic", "torchao_weight_only")
+    if "test" in callback.comparison:
+        latency = callback.comparison["test"]["latency_ms"]
+        assert latency["int8"] <= 1.2 * latency["float"]  # chosen as the fastest at the first batch (noise allowed)
