@@ -18,9 +18,9 @@ import sys
 import torch
 
 from lightning_lowvram.demo import DigitsMLP, TinyGPT
-from lightning_lowvram.memory.cuda_rules import sdpa_backend
 from lightning_lowvram.memory.profiles import detect_gpu
-from lightning_lowvram.planner import _autocast, _optimizer, estimate_step_memory
+from lightning_lowvram.planner.cuda_rules import sdpa_backend
+from lightning_lowvram.planner.estimate import _autocast, _optimizer, estimate_step_memory
 
 
 def measured(module: torch.nn.Module, batch: tuple[torch.Tensor, ...], precision: str) -> int:

@@ -17,8 +17,7 @@ from datetime import date
 import torch
 
 from benchmarks.estimate_speed import GPT2Small
-from lightning_lowvram.plan import plan
-from lightning_lowvram.planner import estimate_step_memory
+from lightning_lowvram.planner import estimate_step_memory, plan
 
 
 def main() -> None:

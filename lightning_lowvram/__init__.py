@@ -8,6 +8,7 @@ from lightning_lowvram.callbacks import (
     EightBitOptimizerCallback,
     MemoryReportCallback,
     PruningCallback,
+    plan_callbacks,
 )
 from lightning_lowvram.memory import (
     GPUProfile,
@@ -19,7 +20,7 @@ from lightning_lowvram.memory import (
     known_gpus,
     memory_budget,
 )
-from lightning_lowvram.planner import MemoryEstimate, estimate_step_memory
+from lightning_lowvram.planner import MemoryEstimate, Plan, estimate_step_memory, plan
 from lightning_lowvram.pruning import load_pruned
 from lightning_lowvram.quantization import load_quantized
 
@@ -34,6 +35,7 @@ __all__ = [
     "MemoryEstimate",
     "MemoryMeter",
     "MemoryReportCallback",
+    "Plan",
     "PruningCallback",
     "MemoryStats",
     "format_bytes",
@@ -45,5 +47,7 @@ __all__ = [
     "load_quantized",
     "memory_budget",
     "merge_outputs",
+    "plan",
+    "plan_callbacks",
     "split_batch",
 ]

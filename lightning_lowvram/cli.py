@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.meter import memory_table
@@ -85,7 +86,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         if cfg.command == "fit":
             if chosen.chosen is None:
                 raise ConfigError(f"strategy=auto: nothing fits {profile.name}\n{chosen.table()}")
-            callbacks.update({f"strategy.{type(c).__name__}": c for c in chosen.callbacks()})
+            callbacks.update({f"strategy.{type(c).__name__}": c for c in plan_callbacks(chosen)})
             trainer_kwargs.update(chosen.trainer_kwargs())
     trainer_kwargs["callbacks"] = list(callbacks.values())
     if cfg.trainer.get("default_root_dir") is None:
@@ -102,7 +103,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _plan(model: L.LightningModule, data: Any, profile: GPUProfile, margin: float, allow_int8_base: bool) -> Any:
-    from lightning_lowvram.plan import plan
+    from lightning_lowvram.planner import plan
 
     if profile.usable_bytes is None:
         raise ConfigError(f"gpu={profile.name!r} has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
@@ -159,7 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _print_plan(chosen: Any) -> dict[str, Any]:
-    from lightning_lowvram.plan import chart
+    from lightning_lowvram.planner.chart import chart
 
     path = chart(chosen, os.path.join(_run_dir(), "plan.png"))
     print(chosen.table())

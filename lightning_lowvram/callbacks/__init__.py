@@ -3,6 +3,7 @@
 from lightning_lowvram.callbacks.activation_checkpointing import ActivationCheckpointingCallback
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
 from lightning_lowvram.callbacks.dynamic_quant import DynamicQuantCallback
+from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.callbacks.optimizer_8bit import EightBitOptimizerCallback
 from lightning_lowvram.callbacks.pruning import PruningCallback
@@ -14,4 +15,5 @@ __all__ = [
     "EightBitOptimizerCallback",
     "MemoryReportCallback",
     "PruningCallback",
+    "plan_callbacks",
 ]

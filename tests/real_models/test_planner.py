@@ -3,8 +3,7 @@
 import pytest
 
 from lightning_lowvram import AutoMicroBatchCallback, GPUProfile, MemoryReportCallback
-from lightning_lowvram.plan import plan
-from lightning_lowvram.planner import estimate_step_memory
+from lightning_lowvram.planner import estimate_step_memory, plan
 from tests.helpers import quiet_trainer
 from tests.real_models.models import NAMES, build
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_lowvram.batching import batch_size_of
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
-from lightning_lowvram.planner import MemoryEstimate, adam_optimizer, estimate_step_memory, with_8bit_optimizer
+from lightning_lowvram.planner.estimate import MemoryEstimate, adam_optimizer, estimate_step_memory, with_8bit_optimizer
 
 COST = {
     "micro_batch_halving": 0.03,
@@ -89,28 +89,6 @@ class Plan:
     def trainer_kwargs(self) -> dict[str, Any]:
         """Trainer arguments of the chosen setting."""
         return {"precision": self.chosen.precision} if self.chosen else {}
-
-    def callbacks(self) -> list[Any]:
-        """Callbacks of the chosen setting (micro-batching keeps the effective batch)."""
-        from lightning_lowvram.callbacks import (
-            ActivationCheckpointingCallback,
-            AutoMicroBatchCallback,
-            DynamicQuantCallback,
-            EightBitOptimizerCallback,
-        )
-
-        if self.chosen is None:
-            return []
-        out: list[Any] = []
-        if self.chosen.micro_batch_size < self.batch_size:
-            out.append(AutoMicroBatchCallback(micro_batch_size=self.chosen.micro_batch_size))
-        if self.chosen.activation_checkpointing:
-            out.append(ActivationCheckpointingCallback())
-        if self.chosen.optimizer_8bit:
-            out.append(EightBitOptimizerCallback())
-        if self.chosen.int8_base:
-            out.append(DynamicQuantCallback(stages=[], freeze_base=True))
-        return out
 
     def overrides(self) -> list[str]:
         """The same as Hydra overrides of the `lowvram` app."""
@@ -190,32 +168,6 @@ def plan(
             best = fit
     ordered = sorted(candidates, key=lambda c: (c.cost, c.estimate.peak))
     return Plan(profile, n, budget, ordered, best)
-
-
-def chart(result: Plan, path: str) -> str:
-    """A PNG of each candidate's predicted tensor peak by category, against the card's budget line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    categories = ["parameters", "gradients", "optimizer", "activations", "temporaries", "buffers", "other"]
-    labels = [("-> " if c is result.chosen else "") + c.label for c in result.candidates]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
-    left = [0.0] * len(labels)
-    for category in categories:
-        values = [c.estimate.by_category.get(category, 0) / 2**30 for c in result.candidates]
-        if any(values):
-            ax.barh(labels, values, left=left, label=category)
-            left = [a + b for a, b in zip(left, values, strict=True)]
-    ax.axvline(result.budget / 2**30, color="black", linestyle="--", label=f"budget ({result.gpu.name})")
-    ax.invert_yaxis()
-    ax.set_xlabel("predicted peak (GiB)")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _largest_fit(sizes: list[int], run: Any) -> Candidate | None:

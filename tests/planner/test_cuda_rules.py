@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lightning_lowvram import MemoryMeter
-from lightning_lowvram.memory.cuda_rules import CudaKernels, KernelWorkspaces, cuda_sdpa, sdpa_backend
 from lightning_lowvram.planner import estimate_step_memory
+from lightning_lowvram.planner.cuda_rules import CudaKernels, KernelWorkspaces, cuda_sdpa, sdpa_backend
 
 B, H, SEQ, HEAD = 2, 4, 200, 64
 

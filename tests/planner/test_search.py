@@ -2,10 +2,10 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_lowvram import GPUProfile, memory_budget
+from lightning_lowvram import GPUProfile, memory_budget, plan_callbacks
 from lightning_lowvram.demo import DigitsMLP, TinyGPT, TinyTextDataModule
-from lightning_lowvram.plan import chart, plan
-from lightning_lowvram.planner import estimate_step_memory
+from lightning_lowvram.planner import estimate_step_memory, plan
+from lightning_lowvram.planner.chart import chart
 from tests.helpers import quiet_trainer
 
 
@@ -48,14 +48,14 @@ def test_the_plan_fits_a_card_the_plain_setup_overflows_and_trains_there_without
 
     with pytest.raises(torch.OutOfMemoryError):
         fit([])  # the plain setup does not fit the emulated card
-    trainer = fit(chosen.callbacks(), **chosen.trainer_kwargs())  # the plan does
+    trainer = fit(plan_callbacks(chosen), **chosen.trainer_kwargs())  # the plan does
     assert trainer.global_step == 3
 
 
 def test_nothing_fits_says_the_smallest_reachable_peak():
     data = TinyTextDataModule(seq_len=64, batch_size=8)
     result = plan(_gpt(), _batch(data), _card(0.0001))
-    assert result.chosen is None and result.callbacks() == [] and result.overrides() == []
+    assert result.chosen is None and plan_callbacks(result) == [] and result.overrides() == []
     assert "nothing fits: the smallest predicted peak is" in result.table()
 
 
@@ -83,7 +83,7 @@ def test_when_optimizer_state_dominates_the_plan_takes_8bit_state():
     eight = estimate_step_memory(model, batch, device="cuda", optimizer_8bit=True)
     result = plan(model, batch, _card((plain.peak + eight.peak) / 2 / 0.9 / 2**30))
     assert result.chosen is not None and result.chosen.optimizer_8bit and "8-bit optimizer" in result.chosen.label
-    assert any(isinstance(c, EightBitOptimizerCallback) for c in result.callbacks())
+    assert any(isinstance(c, EightBitOptimizerCallback) for c in plan_callbacks(result))
     assert "lowvram_optimizer_8bit" in result.overrides()[1]
 
 
@@ -98,4 +98,4 @@ def test_an_int8_frozen_base_only_when_allowed():
     assert plan(model, batch, card).chosen is None
     allowed = plan(model, batch, card, allow_int8_base=True)
     assert allowed.chosen is not None and allowed.chosen.int8_base
-    assert any(isinstance(c, DynamicQuantCallback) and c.freeze_base for c in allowed.callbacks())
+    assert any(isinstance(c, DynamicQuantCallback) and c.freeze_base for c in plan_callbacks(allowed))

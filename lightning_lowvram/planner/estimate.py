@@ -3,7 +3,7 @@
 ``estimate_step_memory`` copies the module onto fake tensors (``FakeTensorMode``), runs its ``training_step``,
 backward and optimizer step (twice, so optimizer state exists; with micro-batches, two accumulate before each step)
 under the project's memory meter, and reports the peak by category and by phase. For ``device="cpu"`` this is the
-CPU run's measurement, byte for byte. For a CUDA card it also applies ``memory.cuda_rules``: 512-byte allocation
+CPU run's measurement, byte for byte. For a CUDA card it also applies ``planner.cuda_rules``: 512-byte allocation
 rounding, the multi-tensor (``foreach``) optimizer implementation CUDA uses by default, dropout's bool mask, the fused
 attention kernel the card would run (flash / memory-efficient / cuDNN / math, chosen by PyTorch's rules for its
 compute capability) with the workspaces its backward allocates, and the card's context/workspace allowance
@@ -25,9 +25,9 @@ from torch.utils._pytree import tree_map_only
 
 from lightning_lowvram.batching import batch_size_of, slice_batch
 from lightning_lowvram.checkpointing import checkpoint_blocks
-from lightning_lowvram.memory.cuda_rules import DEFAULT_CAPABILITY, CudaKernels, KernelWorkspaces, cuda_rounding
 from lightning_lowvram.memory.meter import MemoryMeter
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
+from lightning_lowvram.planner.cuda_rules import DEFAULT_CAPABILITY, CudaKernels, KernelWorkspaces, cuda_rounding
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
