@@ -40,6 +40,10 @@ class GPUProfile:
         compute_capability: ``(major, minor)``, or ``None`` for a CPU.
         context_mib: Memory outside the caching allocator (CUDA context, cuBLAS workspaces), in MiB.
         free_gib: Free memory: detected for ``auto``; set it for a shared card (caps ``usable_bytes``).
+        fp32_tflops: Peak float32 (non-tensor) TFLOPS, from the vendor's spec sheet (the step-time model).
+        tensor_tflops: Peak dense FP16/BF16 tensor TFLOPS with FP32 accumulate (FP16 rate on cards without tensor
+            cores).
+        bandwidth_gbs: Peak memory bandwidth in GB/s.
 
     Example:
         >>> gpu_profile("rtx3060_12gb").bf16
@@ -54,12 +58,19 @@ class GPUProfile:
     compute_capability: tuple[int, int] | None = None
     context_mib: float = 0.0
     free_gib: float | None = None
+    fp32_tflops: float | None = None
+    tensor_tflops: float | None = None
+    bandwidth_gbs: float | None = None
 
     def __post_init__(self) -> None:
         if self.memory_gib is not None and self.memory_gib <= 0:
             raise ValueError(f"gpu.memory_gib must be > 0 (or null for no limit), got {self.memory_gib!r}")
         if self.free_gib is not None and self.free_gib <= 0:
             raise ValueError(f"gpu.free_gib must be > 0 (or null: the whole card), got {self.free_gib!r}")
+        for key in ("fp32_tflops", "tensor_tflops", "bandwidth_gbs"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise ValueError(f"gpu.{key} must be a number > 0 (or null), got {value!r}")
         if self.context_mib < 0:
             raise ValueError(f"gpu.context_mib must be >= 0, got {self.context_mib!r}")
         if self.compute_capability is not None:
@@ -121,6 +132,7 @@ def detect_gpu(device: int | None = None) -> GPUProfile:
     index = torch.cuda.current_device() if device is None else device
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
+    spec = _shipped_like(props.name, total / GiB)
     return GPUProfile(
         name=f"cuda:{index}",
         display_name=props.name,
@@ -129,7 +141,21 @@ def detect_gpu(device: int | None = None) -> GPUProfile:
         compute_capability=(props.major, props.minor),
         context_mib=0.0,  # already outside of what mem_get_info reports as free
         free_gib=free / GiB,
+        fp32_tflops=spec.fp32_tflops if spec else None,  # throughput of the shipped profile of the same name
+        tensor_tflops=spec.tensor_tflops if spec else None,
+        bandwidth_gbs=spec.bandwidth_gbs if spec else None,
     )
+
+
+def _shipped_like(device_name: str, memory_gib: float) -> GPUProfile | None:
+    """The shipped profile of a detected card: the longest display name (size dropped) it contains, closest memory."""
+    matches = []
+    for profile in map(_load, known_gpus()):
+        words = profile.display_name.split()
+        base = " ".join(words[:-1]) if words and words[-1].endswith("GB") else profile.display_name
+        if base and base in device_name:
+            matches.append((len(base), -abs((profile.memory_gib or 0.0) - memory_gib), profile))
+    return max(matches, key=lambda m: m[:2])[2] if matches else None
 
 
 def gpu_profile(name: str | GPUProfile = "auto") -> GPUProfile:

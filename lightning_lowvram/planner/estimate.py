@@ -28,6 +28,7 @@ from lightning_lowvram.checkpointing import checkpoint_blocks
 from lightning_lowvram.memory.meter import MemoryMeter
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
 from lightning_lowvram.planner.cuda_rules import DEFAULT_CAPABILITY, CudaKernels, KernelWorkspaces, cuda_rounding
+from lightning_lowvram.planner.timing import StepWork, WorkCounter
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -47,6 +48,8 @@ class MemoryEstimate:
         gpu: The GPU profile's name, if one was given.
         method: ``"fake"`` (traced on fake tensors) or ``"measured"`` (a step fake tensors cannot trace, run for real on
             this machine's CPU and metered).
+        work: What one micro-batch and one optimizer step do (FLOPs, bytes, kernels), for
+            :meth:`step_time`.
 
     """
 
@@ -57,10 +60,19 @@ class MemoryEstimate:
     device: str
     gpu: str | None = None
     method: str = "fake"
+    work: StepWork | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def fits(self, budget: int, margin: float = 0.1) -> bool:
         """Whether the peak stays below ``budget`` with a ``margin`` (fraction of the budget) to spare."""
         return self.peak <= budget * (1.0 - margin)
+
+    def step_time(self, gpu: str | GPUProfile, micro_batches: int = 1) -> float:
+        """Predicted seconds of one optimizer step of ``micro_batches`` micro-batches on ``gpu``.
+
+        The step-time model of :mod:`lightning_lowvram.planner.timing`.
+        """
+        assert self.work is not None
+        return self.work.seconds(gpu_profile(gpu), micro_batches)
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.by_category.items() if v)
@@ -123,11 +135,11 @@ def estimate_step_memory(
 
     step = (module, micro_batches, precision, optimizer, activation_checkpointing, capability)
     try:
-        best, phases = _run(*step, fake=True)
+        best, phases, work = _run(*step, fake=True)
         method = "fake"
     except _UNTRACEABLE:
         # an op fake tensors cannot run (data-dependent shapes...): measure the same step for real on this machine
-        best, phases = _run(*step, fake=False)
+        best, phases, work = _run(*step, fake=False)
         method = "measured"
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
     estimate = MemoryEstimate(
@@ -138,6 +150,7 @@ def estimate_step_memory(
         device="cuda" if cuda else "cpu",
         gpu=profile.name if profile is not None else None,
         method=method,
+        work=work,
     )
     return with_8bit_optimizer(estimate, module, optimizer) if optimizer_8bit else estimate
 
@@ -185,8 +198,8 @@ def _run(
     activation_checkpointing: bool,
     capability: tuple[int, int] | None,
     fake: bool,
-) -> tuple[Any, dict[str, int]]:
-    """Two optimizer steps (each over the micro-batches) of a copy of ``module``, metered per phase.
+) -> tuple[Any, dict[str, int], StepWork]:
+    """Two optimizer steps (each over the micro-batches) of a copy of ``module``, metered per phase, its work counted.
 
     ``capability``: the CUDA card's compute capability, whose rules apply; ``None``: the CPU's.
     """
@@ -219,9 +232,12 @@ def _run(
             for group in opt.param_groups:
                 if "foreach" in group:
                     group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
-        with MemoryMeter(copied, opt) as meter, KernelWorkspaces() if cuda else contextlib.nullcontext():
-            for _ in range(2):
-                for batch in inputs:
+        counter = WorkCounter()
+        micro: tuple[Any, ...] = ()
+        with MemoryMeter(copied, opt) as meter, KernelWorkspaces() if cuda else contextlib.nullcontext(), counter:
+            for step in range(2):
+                for i, batch in enumerate(inputs):
+                    counter.active = step == 0 and i == 0  # one micro-batch's forward + backward
                     meter.reset_peak()
                     with _autocast(precision):
                         loss = _loss(copied, batch)
@@ -229,10 +245,13 @@ def _run(
                     _backward(loss / len(inputs))
                     del loss
                     record("backward")
+                    micro = counter.take() if counter.active else micro
+                counter.active = step == 1  # the second step: optimizer state exists, as in steady state
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 record("optimizer")
-    return best, phases
+            updates = counter.take()
+    return best, phases, StepWork(micro, updates)
 
 
 def _backward(loss: torch.Tensor) -> None:

@@ -1,0 +1,128 @@
+"""A step-time model: the work a traced step does (FLOPs by kind, bytes moved, kernels), priced on a card.
+
+While ``estimate_step_memory`` traces a step on fake tensors, :class:`WorkCounter` records every aten op: its FLOPs
+(PyTorch's own ``torch.utils.flop_counter`` formulas: matmuls, convolutions, attention kernels, forward and backward),
+whether they run on tensor cores (bf16/fp16 inputs; float32 convolutions take TF32 on compute capability 8.0+,
+PyTorch's default ``torch.backends.cudnn.allow_tf32``; float32 matmuls do not, ``allow_tf32`` is off by default), the
+bytes it reads and writes (its tensor inputs and outputs; views move nothing) and one kernel launch. One micro-batch's
+forward + backward (checkpointing's recompute included) and one optimizer step are kept apart, so a step of ``k``
+micro-batches costs ``k x micro + optimizer``.
+
+Each op costs ``max(FLOPs / (rate x MATMUL_EFFICIENCY), bytes / (bandwidth x BANDWIDTH_EFFICIENCY)) + LAUNCH_S``
+(a roofline per op). Rates and bandwidths are the vendors' published peaks (``GPUProfile.fp32_tflops``,
+``tensor_tflops``, ``bandwidth_gbs``, per card in ``conf/gpu``). The three constants below are fitted to the step-time
+ratios measured on an NVIDIA H200 (ANCHORS.md, 2026-11-27: HF GPT-2 small 32 x 512, bf16-mixed 0.35x of fp32,
+micro-batches of 4 1.20x, per-block checkpointing 1.19x; predicted 0.35, 1.21, 1.26) and checked on five settings
+measured under an 8 GB cap, held out: the predicted order matches the measured one, but the bf16 gain under the cap
+is over-predicted (0.38-0.53x of fp32 predicted, 0.65-0.73x measured). One card, one model: the model ranks settings;
+its absolute seconds are rough.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lightning_lowvram.memory.profiles import GPUProfile
+
+# fitted by benchmarks/step_time_calibration.py (benchmarks/RESULTS.md) to the H200 measurements named above
+MATMUL_EFFICIENCY = 0.9  # achieved / peak rate of the FLOP-heavy kernels
+BANDWIDTH_EFFICIENCY = 0.3  # achieved / peak bandwidth, as counted here (every op's inputs + outputs, no fusion)
+LAUNCH_S = 1.5e-5  # seconds per kernel: launch plus eager PyTorch's dispatch (NVIDIA quotes ~5 us for the launch)
+
+_VIEWS = {  # ops that launch no kernel: views, metadata, uninitialised allocations
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided", "detach", "alias",
+    "unsqueeze", "squeeze", "slice", "select", "split", "split_with_sizes", "unbind", "chunk", "narrow",
+    "_reshape_alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+}  # fmt: skip
+_CONV = {"convolution", "convolution_backward", "_convolution"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWork:
+    """One micro-batch's forward + backward and one optimizer step, each as :class:`Work` and its ops."""
+
+    micro: tuple[tuple[str, float, float], ...]  # per op: (kind, flops, bytes), kind in tensor / tf32 / fp32
+    optimizer: tuple[tuple[str, float, float], ...]
+
+    def seconds(self, gpu: GPUProfile, micro_batches: int) -> float:
+        """Predicted seconds of a step of ``micro_batches`` micro-batches on ``gpu``."""
+        return micro_batches * _price(self.micro, gpu) + _price(self.optimizer, gpu)
+
+    def flops(self, part: str = "micro") -> dict[str, float]:
+        """FLOPs by kind (``tensor``, ``tf32``, ``fp32``) of ``"micro"`` or ``"optimizer"``."""
+        totals = dict.fromkeys(("tensor", "tf32", "fp32"), 0.0)
+        for kind, flops, _ in getattr(self, part):
+            totals[kind] += flops
+        return totals
+
+
+def _price(ops: tuple[tuple[str, float, float], ...], gpu: GPUProfile) -> float:
+    rates = rates_of(gpu)
+    bandwidth = gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
+    return sum(max(flops / rates[kind], moved / bandwidth) + LAUNCH_S for kind, flops, moved in ops)
+
+
+def rates_of(gpu: GPUProfile) -> dict[str, float]:
+    """Achievable FLOP/s per kind of math on ``gpu``.
+
+    Raises:
+        ValueError: If the profile lacks the throughput fields the time model needs.
+
+    """
+    missing = [f for f in ("fp32_tflops", "tensor_tflops", "bandwidth_gbs") if getattr(gpu, f) is None]
+    if missing:
+        raise ValueError(f"gpu {gpu.name!r} has no {', '.join(missing)}: the step-time model needs them (conf/gpu)")
+    tensor = gpu.tensor_tflops * 1e12 * MATMUL_EFFICIENCY
+    fp32 = gpu.fp32_tflops * 1e12 * MATMUL_EFFICIENCY
+    ampere = gpu.compute_capability is not None and tuple(gpu.compute_capability) >= (8, 0)
+    return {"tensor": tensor, "tf32": tensor / 2 if ampere else fp32, "fp32": fp32}
+
+
+class WorkCounter(TorchDispatchMode):
+    """Record the ops of a traced region (fake tensors welcome) as ``(kind, flops, bytes)``; see the module docstring.
+
+    Example:
+        >>> a, b = torch.ones(4, 8), torch.ones(8, 2)
+        >>> with WorkCounter() as counter:
+        ...     _ = a @ b
+        >>> counter.ops  # (kind, FLOPs, bytes read and written)
+        [('fp32', 128.0, 224.0)]
+
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.ops: list[tuple[str, float, float]] = []
+        self.active = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if not self.active or name in _VIEWS or name.endswith("_view") or func.namespace == "prim":
+            return out
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outputs and not name.endswith("_"):  # a metadata query (sizes, device): no kernel; in-place ops
+            return out  # (``_foreach_add_``...) return nothing but do work
+        packet = func.overloadpacket
+        flops = self.registry[packet](*args, **kwargs, out_val=out) if packet in self.registry else 0
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)] + outputs
+        moved = sum(t.numel() * t.element_size() for t in tensors)
+        first = next((t for t in tensors if t.is_floating_point()), None)
+        low = first is not None and first.dtype in (torch.bfloat16, torch.float16)
+        kind = "tensor" if low else ("tf32" if name in _CONV else "fp32")
+        self.ops.append((kind, float(flops), float(moved)))
+        return out
+
+    def take(self) -> tuple[tuple[str, float, float], ...]:
+        """The ops recorded since the last ``take``."""
+        ops, self.ops = tuple(self.ops), []
+        return ops
