@@ -131,7 +131,7 @@ def estimate_step_memory(
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     micro = min(micro_batch_size or n, n)
-    micro_batches = [slice_batch(batch, 0, micro, n)] * min(2, math.ceil(n / micro))
+    micro_batches = [slice_batch(batch, 0, micro, n)] * min(2, math.ceil(n / micro))  # 2: the batch splits
 
     step = (module, micro_batches, precision, optimizer, activation_checkpointing, capability)
     try:
@@ -199,11 +199,15 @@ def _run(
     capability: tuple[int, int] | None,
     fake: bool,
 ) -> tuple[Any, dict[str, int], StepWork]:
-    """Two optimizer steps (each over the micro-batches) of a copy of ``module``, metered per phase, its work counted.
+    """Two optimizer steps of a copy of ``module``, metered per phase; the second's work counted.
+
+    The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
+    gradients of earlier micro-batches present when ``batches`` holds two, i.e. the batch splits) and the update.
 
     ``capability``: the CUDA card's compute capability, whose rules apply; ``None``: the CPU's.
     """
     cuda = capability is not None
+    accumulating = len(batches) > 1
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
         copied = copy.deepcopy(module)
@@ -233,23 +237,30 @@ def _run(
                 if "foreach" in group:
                     group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
         counter = WorkCounter()
-        micro: tuple[Any, ...] = ()
-        with MemoryMeter(copied, opt) as meter, KernelWorkspaces() if cuda else contextlib.nullcontext(), counter:
-            for step in range(2):
-                for i, batch in enumerate(inputs):
-                    counter.active = step == 0 and i == 0  # one micro-batch's forward + backward
-                    meter.reset_peak()
-                    with _autocast(precision):
-                        loss = _loss(copied, batch)
-                    record("forward")
-                    _backward(loss / len(inputs))
-                    del loss
-                    record("backward")
-                    micro = counter.take() if counter.active else micro
-                counter.active = step == 1  # the second step: optimizer state exists, as in steady state
+        with MemoryMeter(copied, opt) as meter, KernelWorkspaces() if cuda else contextlib.nullcontext():
+            # the first step only creates the optimizer state: zero gradients stand in for a forward and backward
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    if param.requires_grad:
+                        param.grad = torch.zeros_like(param)
+            opt.step()
+            record("optimizer")
+            # the second step, as in steady state: when the batch splits, every micro-batch after the first of a step
+            # runs with the step's gradients already there (the peak), which the kept zero gradients stand for
+            opt.zero_grad(set_to_none=not accumulating)
+            with counter:
+                meter.reset_peak()
+                with _autocast(precision):
+                    loss = _loss(copied, inputs[0])
+                record("forward")
+                _backward(loss)
+                del loss
+                record("backward")
+            micro = counter.take()
+            with counter:
                 opt.step()
-                opt.zero_grad(set_to_none=True)
-                record("optimizer")
+            opt.zero_grad(set_to_none=True)
+            record("optimizer")
             updates = counter.take()
     return best, phases, StepWork(micro, updates)
 

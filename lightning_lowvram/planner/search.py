@@ -1,18 +1,19 @@
-"""Pick the cheapest mix of strategies whose predicted peak fits a GPU, from estimates alone (no GPU needed).
+"""Pick the fastest mix of strategies whose predicted peak fits a GPU, from estimates alone (no GPU needed).
 
-Candidates are ranked by a cost model (relative extra time per sample, from benchmarks/RESULTS.md and published
-numbers): each halving of the micro-batch adds 3 % (bert-large: batch 1 x 4 ran at 0.87x of batch 4); mixed precision
-is charged 5 % although it is usually faster on GPUs, because it changes the numerics and fp32 is kept when a split
-suffices; activation checkpointing of repeated blocks adds about one forward pass (33 %). For each precision x
-checkpointing choice the largest micro-batch that fits is found by bisection over halvings, and the cheapest fitting
-candidate wins. 8-bit optimizer state (torchao, Adam/AdamW only; 5 %) and, when allowed, an int8 weight-only frozen
-base (frozen Linear layers; 10 %) are modelled from the same trace: their bytes replace the traced float bytes.
+Each candidate (precision x activation checkpointing x 8-bit optimizer state x int8 frozen base x micro-batch size)
+gets a predicted peak and a predicted time per optimizer step (:mod:`lightning_lowvram.planner.timing`: FLOPs, bytes
+and kernels of the traced step priced on the card); the fastest candidate that fits with the margin wins. To plan in
+seconds, every precision x checkpointing setting is traced at micro-batches of 1 and 2 only: activation bytes, FLOPs
+and bytes moved grow affinely with the micro-batch, so the peak (per phase) and the time of larger ones are
+extrapolated; the chosen candidate is then traced at its own size to confirm it fits (if not, the next one is
+tried). The plain setup (the whole batch, float32) is traced as it is. 8-bit optimizer state (torchao, Adam/AdamW)
+and an int8 weight-only frozen base are modelled from the same traces: their bytes replace the float ones; their
+step time is the float one's (8-bit AdamW measured 1.00x on an H200, ANCHORS.md; the int8 base is not measured).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 from typing import Any
@@ -21,15 +22,14 @@ from torch import nn
 
 from lightning_lowvram.batching import batch_size_of
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
-from lightning_lowvram.planner.estimate import MemoryEstimate, adam_optimizer, estimate_step_memory, with_8bit_optimizer
-
-COST = {
-    "micro_batch_halving": 0.03,
-    "mixed_precision": 0.05,
-    "optimizer_8bit": 0.05,
-    "int8_frozen_base": 0.10,
-    "activation_checkpointing": 0.33,
-}
+from lightning_lowvram.planner.estimate import (
+    PRECISIONS,
+    MemoryEstimate,
+    adam_optimizer,
+    estimate_step_memory,
+    with_8bit_optimizer,
+)
+from lightning_lowvram.planner.timing import rates_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,8 @@ class Candidate:
     int8_base: bool
     estimate: MemoryEstimate
     fits: bool
-    cost: float
+    step_time: float  # predicted seconds per optimizer step on the card
+    traced: bool = True  # traced at this micro-batch size (else extrapolated from sizes 1 and 2)
 
     @property
     def label(self) -> str:
@@ -63,26 +64,33 @@ class Plan:
     budget: int
     candidates: list[Candidate]
     chosen: Candidate | None
+    skipped: tuple[str, ...] = ()  # settings not traced because they cannot be faster than one that fits
 
     def table(self) -> str:
-        """The candidates as text, the chosen one marked."""
+        """The candidates as text, the chosen one marked; peaks are tensor bytes (the context allowance apart)."""
+        fastest = min((c.step_time for c in self.candidates if c.fits), default=None)
         lines = [
             f"plan for {self.gpu.name}: tensors must stay under {format_bytes(self.budget)} (the card minus its "
             f"context, with margin); batch {self.batch_size} kept",
-            f"  {'':2}{'setting':60} {'tensor peak':>15} {'fits':>5} {'extra time':>10}",
+            f"  {'':2}{'setting':58} {'tensor peak':>12} {'fits':>5} {'s/step':>8} {'vs best':>8}",
         ]
         for c in self.candidates:
             mark = "->" if c is self.chosen else ""
             fits = "yes" if c.fits else "no"
-            peak = format_bytes(c.estimate.peak - c.estimate.allowance)
-            lines.append(f"  {mark:2}{c.label:60} {peak:>15} {fits:>5} {c.cost:>9.0%}")
+            versus = f"{c.step_time / fastest:.2f}x" if fastest else "-"
+            how = "" if c.traced else " ~"
+            peak = format_bytes(tensor_peak(c))
+            lines.append(f"  {mark:2}{c.label + how:58} {peak:>12} {fits:>5} {c.step_time:>8.3f} {versus:>8}")
+        lines.append("  (~: extrapolated from micro-batches of 1 and 2; the others traced; s/step: predicted)")
+        if self.skipped:
+            lines.append(f"  not traced, cannot be faster than one that fits: {'; '.join(self.skipped)}")
         if self.chosen is None:
-            smallest = min(self.candidates, key=lambda c: c.estimate.peak)
-            need = format_bytes(int(smallest.estimate.peak / (self.budget / self.gpu.usable_bytes)))
+            smallest = min(self.candidates, key=tensor_peak)
+            need = format_bytes(int(tensor_peak(smallest) / (self.budget / self.gpu.usable_bytes)))
             lines.append(
-                f"  nothing fits: the smallest predicted peak is {format_bytes(smallest.estimate.peak)} "
-                f"({smallest.label}); it needs a card of {need}, or fewer parameters (PruningCallback) or an int8 "
-                "frozen base (DynamicQuantCallback(freeze_base=True))"
+                f"  nothing fits: the smallest predicted tensor peak is {format_bytes(tensor_peak(smallest))} "
+                f"({smallest.label}) against {format_bytes(self.budget)}; it needs a card with {need} for tensors, "
+                "or fewer parameters (PruningCallback) or an int8 frozen base (DynamicQuantCallback(freeze_base=True))"
             )
         return "\n".join(lines)
 
@@ -107,87 +115,169 @@ class Plan:
         return out
 
 
-def plan(
-    module: nn.Module, batch: Any, gpu: str | GPUProfile, *, margin: float = 0.1, allow_int8_base: bool = False
-) -> Plan:
-    """Choose the cheapest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
+def tensor_peak(candidate: Candidate) -> int:
+    """A candidate's predicted tensor peak: the estimate without the card's context allowance."""
+    return candidate.estimate.peak - candidate.estimate.allowance
 
-    ``allow_int8_base``: frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
-    ``DynamicQuantCallback(freeze_base=True)`` does; off by default because it changes the base's numerics.
+
+def plan(
+    module: nn.Module,
+    batch: Any,
+    gpu: str | GPUProfile,
+    *,
+    margin: float = 0.1,
+    allow_int8_base: bool = False,
+    precisions: tuple[str, ...] | list[str] | None = None,
+) -> Plan:
+    """Choose the fastest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
+
+    Args:
+        module: The LightningModule (its ``training_step`` and ``configure_optimizers``).
+        batch: A training batch as the loader yields it (its size is the batch kept).
+        gpu: A card profile or its name.
+        margin: Fraction of the card's tensor memory kept free.
+        allow_int8_base: Frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
+            ``DynamicQuantCallback(freeze_base=True)`` does; off by default because it changes the base's numerics.
+        precisions: Precisions to consider; default float32 and the card's mixed precision (bf16, else fp16). Pass
+            ``("32-true",)`` when you need float32 numerics.
 
     Raises:
-        ValueError: For an unknown GPU, a profile without memory (``cpu``), or a margin outside [0, 1).
+        ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput the time model
+            needs, a margin outside [0, 1), or an unknown precision.
 
     Example:
         >>> import torch
         >>> from lightning_lowvram.demo import DigitsMLP
         >>> p = plan(DigitsMLP(), (torch.zeros(64, 64), torch.zeros(64, dtype=torch.long)), "rtx3060_12gb")
-        >>> p.chosen.label
-        '32-true, micro-batch 64'
+        >>> p.chosen.label, p.chosen.fits
+        ('32-true, micro-batch 64', True)
 
     """
     profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
     if profile.usable_bytes is None:
         raise ValueError(f"gpu {profile.name!r} has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
+    rates_of(profile)  # a card without throughput numbers: the error now
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    if precisions is None:
+        precisions = ("32-true", "bf16-mixed" if profile.bf16 else "16-mixed")
+    if isinstance(precisions, str) or not precisions:
+        raise ValueError(f"precisions must be a non-empty list of precisions, got {precisions!r}")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"precisions: {unknown[0]!r} is not one of {', '.join(map(repr, PRECISIONS))}")
     budget = int(profile.usable_bytes * (1.0 - margin))  # for tensors: the card minus its context, capped by free
     n = batch_size_of(batch)
-    precisions = ["32-true", "bf16-mixed" if profile.bf16 else "16-mixed"]
-    checkpointing = [False, True] if _has_blocks(module) else [False]
-    candidates: list[Candidate] = []
-
-    eight_bit = [False, True] if adam_optimizer(module) is not None else [False]
     base_saving = _int8_base_saving(module) if allow_int8_base else 0
+    search = _Search(module, batch, profile, budget, n, base_saving)
+    checkpointing = [False, True] if _has_blocks(module) else [False]
+    eight_bit = [False, True] if adam_optimizer(module) is not None else [False]
     int8_base = [False, True] if base_saving > 0 else [False]
-
-    def candidate(precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool) -> Candidate:
-        key = (precision, micro, ckpt)
-        if key not in traced:  # one trace serves every modelled variant (8-bit state, int8 base)
-            traced[key] = estimate_step_memory(
-                module, batch, micro_batch_size=micro, precision=precision, activation_checkpointing=ckpt, gpu=profile
-            )
-        estimate = with_8bit_optimizer(traced[key], module) if optim8 else traced[key]
-        if base8:
-            by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - base_saving}
-            estimate = dataclasses.replace(estimate, peak=estimate.peak - base_saving, by_category=by_category)
-        cost = COST["micro_batch_halving"] * math.log2(n / micro) + (COST["activation_checkpointing"] if ckpt else 0)
-        cost += (COST["mixed_precision"] if precision != "32-true" else 0) + (COST["optimizer_8bit"] if optim8 else 0)
-        cost += COST["int8_frozen_base"] if base8 else 0
-        fits = estimate.peak - estimate.allowance <= budget
-        found = Candidate(precision, micro, ckpt, optim8, base8, estimate, fits, round(cost, 4))
-        candidates.append(found)
-        return found
-
-    traced: dict[tuple[str, int, bool], MemoryEstimate] = {}
-    best: Candidate | None = None
     sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
-    for precision, ckpt, optim8, base8 in itertools.product(precisions, checkpointing, eight_bit, int8_base):
-        fit = _largest_fit(sizes, functools.partial(candidate, precision, ckpt=ckpt, optim8=optim8, base8=base8))
-        if fit is not None and (best is None or fit.cost < best.cost):
-            best = fit
-    ordered = sorted(candidates, key=lambda c: (c.cost, c.estimate.peak))
-    return Plan(profile, n, budget, ordered, best)
+
+    plain = search.extrapolated("32-true" if "32-true" in precisions else precisions[0], n, False, False, False)
+    candidates, skipped = [plain], []
+    for ckpt in checkpointing:  # without checkpointing first: it bounds what checkpointing could win
+        for precision in precisions:
+            if ckpt and _cannot_win(search, candidates, precision, n):
+                skipped.append(f"{precision}, checkpointing")
+                continue
+            for optim8, base8 in itertools.product(eight_bit, int8_base):
+                options = [search.extrapolated(precision, m, ckpt, optim8, base8) for m in sizes]
+                fitting = [c for c in options if c.fits]
+                candidates.append(fitting[0] if fitting else options[-1])  # the largest that fits, else the smallest
+    chosen = None
+    pending = sorted((c for c in candidates if c.fits), key=_rank)
+    while pending:  # confirm the fastest by tracing it at its own size; if the extrapolation was optimistic, go on
+        best = pending.pop(0)
+        confirmed = best if best.traced else search.traced(*search.key(best))
+        candidates = [confirmed if c is best else c for c in candidates]
+        if confirmed.fits:
+            chosen = confirmed
+            break
+        smaller = [m for m in sizes if m < best.micro_batch_size]
+        if smaller:
+            retry = search.extrapolated(*search.key(dataclasses.replace(best, micro_batch_size=smaller[0])))
+            if retry.fits:
+                candidates.append(retry)
+                pending = sorted([*pending, retry], key=_rank)
+    ordered = [candidates[0]] + sorted(candidates[1:], key=lambda c: (not c.fits, *_rank(c)))
+    unique = {c.label: c for c in reversed(ordered)}  # one row a setting (the plain one first)
+    return Plan(profile, n, budget, sorted(unique.values(), key=ordered.index), chosen, tuple(skipped))
 
 
-def _largest_fit(sizes: list[int], run: Any) -> Candidate | None:
-    """Bisection over decreasing sizes for the first (largest) that fits; estimates are monotone in the size."""
-    lo, hi, found = 0, len(sizes) - 1, None
-    first = run(sizes[0])
-    if first.fits:
-        return first
-    last = run(sizes[-1])
-    if not last.fits:
-        return None
-    found = last
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        result = run(sizes[mid])
-        if result.fits:
-            hi, found = mid, result
-        else:
-            lo = mid
-    return found
+def _rank(c: Candidate) -> tuple[float, int, int]:
+    """Fastest first; equal times (within 1 %): fewer changes to the user's setup, then the smaller peak."""
+    changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit + c.int8_base
+    return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
+
+
+def _cannot_win(search: _Search, candidates: list[Candidate], precision: str, n: int) -> bool:
+    """Whether checkpointing at ``precision`` cannot beat a fitting candidate, so it need not be traced.
+
+    Checkpointing only adds work per sample: at best it matches the step without it at the whole batch.
+    """
+    best = min((c.step_time for c in candidates if c.fits), default=math.inf)
+    return best <= search.extrapolated(precision, n, False, False, False).step_time
+
+
+class _Search:
+    """Traces (cached) and the extrapolation from micro-batches of 1 and 2 to any size."""
+
+    def __init__(self, module: nn.Module, batch: Any, profile: GPUProfile, budget: int, n: int, saving: int) -> None:
+        self.module, self.batch, self.profile, self.budget, self.n = module, batch, profile, budget, n
+        self.saving = saving  # bytes an int8 frozen base saves
+        self.cache: dict[tuple[str, int, bool], MemoryEstimate] = {}
+
+    def trace(self, precision: str, micro: int, ckpt: bool) -> MemoryEstimate:
+        key = (precision, micro, ckpt)
+        if key not in self.cache:
+            self.cache[key] = estimate_step_memory(
+                self.module, self.batch, micro_batch_size=micro, precision=precision,
+                activation_checkpointing=ckpt, gpu=self.profile,
+            )  # fmt: skip
+        return self.cache[key]
+
+    @staticmethod
+    def key(c: Candidate) -> tuple[str, int, bool, bool, bool]:
+        return c.precision, c.micro_batch_size, c.activation_checkpointing, c.optimizer_8bit, c.int8_base
+
+    def _candidate(
+        self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool, estimate: MemoryEstimate,
+        seconds: float, traced: bool,
+    ) -> Candidate:  # fmt: skip
+        if optim8:
+            estimate = with_8bit_optimizer(estimate, self.module)
+        if base8:
+            by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - self.saving}
+            estimate = dataclasses.replace(estimate, peak=estimate.peak - self.saving, by_category=by_category)
+        fits = estimate.peak - estimate.allowance <= self.budget
+        return Candidate(precision, micro, ckpt, optim8, base8, estimate, fits, seconds, traced)
+
+    def traced(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool) -> Candidate:
+        estimate = self.trace(precision, micro, ckpt)
+        seconds = estimate.work.seconds(self.profile, math.ceil(self.n / micro))
+        return self._candidate(precision, micro, ckpt, optim8, base8, estimate, seconds, True)
+
+    def extrapolated(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool) -> Candidate:
+        if (precision, micro, ckpt) in self.cache or micro <= 2:
+            return self.traced(precision, micro, ckpt, optim8, base8)
+        one, two = self.trace(precision, 1, ckpt), self.trace(precision, min(2, self.n), ckpt)
+        grow = micro - 1
+
+        def line(a: int, b: int) -> int:
+            return int(a + (b - a) * grow)
+
+        by_phase = {p: line(one.by_phase[p], two.by_phase[p]) for p in one.by_phase}
+        by_category = {k: line(one.by_category[k], v) for k, v in two.by_category.items()}
+        estimate = dataclasses.replace(
+            two, peak=max(by_phase.values()) + two.allowance, by_phase=by_phase, by_category=by_category, work=None,
+            method="extrapolated",
+        )  # fmt: skip
+        per_micro = [e.work.seconds(self.profile, 1) - e.work.seconds(self.profile, 0) for e in (one, two)]
+        micro_seconds = per_micro[0] + (per_micro[1] - per_micro[0]) * grow
+        seconds = math.ceil(self.n / micro) * micro_seconds + two.work.seconds(self.profile, 0)
+        return self._candidate(precision, micro, ckpt, optim8, base8, estimate, seconds, False)
 
 
 def _int8_base_saving(module: nn.Module) -> int:

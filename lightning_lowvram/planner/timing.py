@@ -101,13 +101,12 @@ class WorkCounter(TorchDispatchMode):
 
         self.registry = flop_registry
         self.ops: list[tuple[str, float, float]] = []
-        self.active = True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if not self.active or name in _VIEWS or name.endswith("_view") or func.namespace == "prim":
+        if name in _VIEWS or name.endswith("_view") or func.namespace == "prim":
             return out
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not outputs and not name.endswith("_"):  # a metadata query (sizes, device): no kernel; in-place ops
