@@ -2,7 +2,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_lowvram import GPUProfile, memory_budget, plan_callbacks
+from lightning_lowvram import GPUProfile, format_bytes, memory_budget, plan_callbacks
 from lightning_lowvram.demo import DigitsMLP, TinyGPT, TinyTextDataModule
 from lightning_lowvram.planner import estimate_step_memory, plan
 from lightning_lowvram.planner.chart import chart
@@ -18,8 +18,11 @@ def _batch(data):
     return next(iter(data.train_dataloader()))
 
 
-def _card(gib):
-    return GPUProfile(name="tiny_card", memory_gib=gib, bf16=True, context_mib=0)
+def _card(gib):  # an RTX 3070's compute, less memory
+    return GPUProfile(
+        name="tiny_card", memory_gib=gib, bf16=True, context_mib=0, compute_capability=(8, 6),
+        fp32_tflops=20.3, tensor_tflops=40.6, bandwidth_gbs=448,
+    )  # fmt: skip
 
 
 def test_the_plan_fits_a_card_the_plain_setup_overflows_and_trains_there_without_oom(tmp_path):
@@ -56,7 +59,10 @@ def test_nothing_fits_says_the_smallest_reachable_peak():
     data = TinyTextDataModule(seq_len=64, batch_size=8)
     result = plan(_gpt(), _batch(data), _card(0.0001))
     assert result.chosen is None and plan_callbacks(result) == [] and result.overrides() == []
-    assert "nothing fits: the smallest predicted peak is" in result.table()
+    smallest = min(result.candidates, key=lambda c: c.estimate.peak - c.estimate.allowance)
+    peak = smallest.estimate.peak - smallest.estimate.allowance
+    assert f"nothing fits: the smallest predicted tensor peak is {format_bytes(peak)}" in result.table()
+    assert f" {format_bytes(peak)} " in result.table().split("nothing fits")[0]  # the line agrees with the table
 
 
 def test_bad_input():
