@@ -269,11 +269,17 @@ class _Search:
             return int(a + (b - a) * grow)
 
         by_phase = {p: line(one.by_phase[p], two.by_phase[p]) for p in one.by_phase}
-        by_category = {k: line(one.by_category[k], v) for k, v in two.by_category.items()}
+        peak = max(by_phase.values())
+        # the categories of the size-2 trace, the growth put on what grows with the micro-batch
+        by_category = dict(two.by_category)
+        growing = [k for k in ("activations", "temporaries") if by_category.get(k)] or ["activations"]
+        share = sum(by_category.get(k, 0) for k in growing)
+        extra = peak - sum(by_category.values())
+        for k in growing:
+            by_category[k] = by_category.get(k, 0) + int(extra * (by_category.get(k, 0) / share if share else 1.0))
         estimate = dataclasses.replace(
-            two, peak=max(by_phase.values()) + two.allowance, by_phase=by_phase, by_category=by_category, work=None,
-            method="extrapolated",
-        )  # fmt: skip
+            two, peak=peak + two.allowance, by_phase=by_phase, by_category=by_category, work=None, method="extrapolated"
+        )
         per_micro = [e.work.seconds(self.profile, 1) - e.work.seconds(self.profile, 0) for e in (one, two)]
         micro_seconds = per_micro[0] + (per_micro[1] - per_micro[0]) * grow
         seconds = math.ceil(self.n / micro) * micro_seconds + two.work.seconds(self.profile, 0)
