@@ -1,8 +1,10 @@
 """The estimator and the planner on the architectures users bring: dict batches, padding, tied weights, GQA."""
 
+import dataclasses
+
 import pytest
 
-from lightning_lowvram import AutoMicroBatchCallback, GPUProfile, MemoryReportCallback
+from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, gpu_profile
 from lightning_lowvram.planner import estimate_step_memory, plan
 from tests.helpers import quiet_trainer
 from tests.real_models.models import NAMES, build
@@ -32,7 +34,7 @@ def test_plan_runs_and_fits_a_card_the_plain_step_does_not(name):
     module, loader = build(name)
     batch = next(iter(loader))
     plain = estimate_step_memory(module, batch, device="cuda")
-    card = GPUProfile(name="tiny_card", memory_gib=plain.peak * 0.9 / 2**30, bf16=True, context_mib=0)
+    card = dataclasses.replace(gpu_profile("rtx3070_8gb"), memory_gib=plain.peak * 0.9 / 2**30, context_mib=0)
     chosen = plan(build(name)[0], batch, card)
     assert not chosen.candidates[0].fits
     assert chosen.chosen is not None and chosen.chosen.fits, chosen.table()
