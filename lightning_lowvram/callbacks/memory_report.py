@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -18,16 +18,20 @@ _STAGES = ("fit", "validate", "test", "predict")
 class MemoryReportCallback(Callback):
     """Measure the peak tensor memory of each stage, split by category, and report it when the stage ends.
 
-    The meter opens when a stage starts (after the model is on its device and the optimizers exist) and closes when
-    it ends; validation inside ``fit`` counts toward ``fit``. Metrics ``lowvram/memory/<stage>/<category>_mib`` go to
-    every logger of the Trainer; the table is printed on rank zero. ``reports`` keeps the last peak of each stage.
+    The meter opens when a stage starts (after the model is on its device and the optimizers exist). It follows
+    every tensor operation in Python, which costs time (1.17x a small GPT's CPU step), so by default it measures only
+    the first ``steps`` optimizer steps of ``fit`` (the second already holds the optimizer state: steady state) and
+    the first ``steps`` batches of each evaluation run, and then leaves the steps alone; validation inside ``fit``
+    counts toward ``fit``. Metrics ``lowvram/memory/<stage>/<category>_mib`` go to every logger of the Trainer when
+    the stage ends; the table is printed on rank zero. ``reports`` keeps the last peak of each stage.
 
-    The one trap: the meter is a ``TorchDispatchMode`` that runs Python code on every tensor operation (not measured
-    yet); leave it out of timing runs.
+    The one trap: a peak that comes later than the sampled steps (a longer batch, an epoch with another shape) is not
+    seen; pass ``steps=None`` to measure every step.
 
     Args:
         stages: Stages to measure.
         print_table: Print the table when a stage ends.
+        steps: Optimizer steps of ``fit`` (and batches of each evaluation run) to measure; ``None``: all of them.
 
     Raises:
         ValueError: If ``stages`` names an unknown stage.
@@ -43,15 +47,20 @@ class MemoryReportCallback(Callback):
 
     """
 
-    def __init__(self, stages: Sequence[Stage] = _STAGES, print_table: bool = True) -> None:
+    def __init__(self, stages: Sequence[Stage] = _STAGES, print_table: bool = True, steps: int | None = 2) -> None:
         unknown = [s for s in stages if s not in _STAGES]
         if unknown:
             raise ValueError(f"MemoryReportCallback(stages=...): unknown {unknown}; allowed: {list(_STAGES)}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"MemoryReportCallback(steps=...) must be an integer >= 1 or None, got {steps!r}")
         self.stages = tuple(stages)
         self.print_table = print_table
+        self.steps = steps
         self.reports: dict[str, MemoryStats] = {}
         self._meter: MemoryMeter | None = None
         self._stage: str | None = None
+        self._peaks: list[MemoryStats] = []  # of the sampled windows of the running stage
+        self._eval_batches = 0
 
     @property
     def state_key(self) -> str:
@@ -61,22 +70,46 @@ class MemoryReportCallback(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open(trainer, pl_module, "fit")
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.steps is not None and trainer.global_step >= self.steps:
+            self._pause()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._count_eval_batch()
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._count_eval_batch()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._count_eval_batch()
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close(trainer, "fit")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_batches = 0
+        if trainer.state.fn == "fit" and self._stage == "fit" and self._meter is None and not trainer.sanity_checking:
+            if len(self._peaks) < 2:  # the first validation run inside fit is sampled too, into fit's report
+                self._resume(trainer, pl_module)
+            return
         self._open(trainer, pl_module, "validate")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and self._stage == "fit":
+            if self.steps is not None and trainer.global_step >= self.steps:
+                self._pause()
+            return
         self._close(trainer, "validate")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_batches = 0
         self._open(trainer, pl_module, "test")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close(trainer, "test")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_batches = 0
         self._open(trainer, pl_module, "predict")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -90,19 +123,36 @@ class MemoryReportCallback(Callback):
 
     # -- implementation -----------------------------------------------------------------------------------------
     def _open(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage not in self.stages or trainer.state.fn != stage or self._meter is not None:
+        if stage not in self.stages or trainer.state.fn != stage or self._stage is not None:
             return
-        self._stage = stage
+        self._stage, self._peaks = stage, []
+        self._resume(trainer, pl_module)
+
+    def _resume(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # optimizer state counts while fitting; in other stages it is not needed on the device
-        self._meter = MemoryMeter(pl_module, *(trainer.optimizers if stage == "fit" else ()))
+        self._meter = MemoryMeter(pl_module, *(trainer.optimizers if self._stage == "fit" else ()))
         self._meter.__enter__()
 
+    def _pause(self) -> None:
+        """Stop following operations (the sampled steps are done); keep the peak for the stage's report."""
+        if self._meter is not None:
+            meter, self._meter = self._meter, None
+            meter.__exit__(None, None, None)
+            self._peaks.append(meter.peak)
+
+    def _count_eval_batch(self) -> None:
+        self._eval_batches += 1
+        if self.steps is not None and self._eval_batches >= self.steps and self._stage is not None:
+            self._pause()
+
     def _close(self, trainer: L.Trainer, stage: str) -> None:
-        if self._meter is None or self._stage != stage:
+        if self._stage != stage:
             return
-        meter, self._meter = self._meter, None
-        meter.__exit__(None, None, None)
-        peak = self.reports[stage] = meter.peak
+        self._pause()
+        self._stage, peaks = None, self._peaks
+        if not peaks:
+            return
+        peak = self.reports[stage] = max(peaks, key=lambda p: p.total)
         for logger in trainer.loggers:
             logger.log_metrics(peak.as_metrics(f"lowvram/memory/{stage}"), step=trainer.global_step)
         if self.print_table:
@@ -112,3 +162,4 @@ class MemoryReportCallback(Callback):
         if self._meter is not None:
             meter, self._meter = self._meter, None
             meter.__exit__(None, None, None)
+        self._stage, self._peaks = None, []

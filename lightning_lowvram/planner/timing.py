@@ -16,8 +16,8 @@ micro-batches of 4 1.20x, per-block checkpointing 1.19x; predicted 0.36, 1.22, 1
 measured under an 8 GB cap, held out: the predicted order matches the measured one (up to a 2 % tie), fp32 micro 2
 is predicted at 0.82 s (measured 0.80 s), but the bf16 gain under the cap is over-predicted (0.39-0.53x of fp32
 predicted, 0.65-0.73x measured). The matmul efficiency fits at 1.0 because the FLOPs and bytes here are counted by
-formula, not measured on kernels; read the three as fitted numbers, not as hardware facts. One card, one model: the model ranks settings;
-its absolute seconds are rough.
+formula, not measured on kernels; read the three as fitted numbers, not as hardware facts. One card, one model: the
+model ranks settings; its absolute seconds are rough.
 """
 
 from __future__ import annotations
