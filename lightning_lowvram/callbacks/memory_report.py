@@ -20,8 +20,9 @@ class MemoryReportCallback(Callback):
 
     The meter opens when a stage starts (after the model is on its device and the optimizers exist). It follows
     every tensor operation in Python, which costs time (1.17x a small GPT's CPU step), so by default it measures only
-    the first ``steps`` optimizer steps of ``fit`` (the second already holds the optimizer state: steady state) and
-    the first ``steps`` batches of each evaluation run, and then leaves the steps alone; validation inside ``fit``
+    the first ``steps`` optimizer steps of ``fit`` and the first ``steps`` batches of each evaluation run, and then
+    leaves the steps alone (3: by the third step the optimizer state exists and a step holds all it will hold; two
+    were not always enough in the tests, e.g. bf16 with micro-batches); validation inside ``fit``
     counts toward ``fit``. Metrics ``lowvram/memory/<stage>/<category>_mib`` go to every logger of the Trainer when
     the stage ends; the table is printed on rank zero. ``reports`` keeps the last peak of each stage.
 
@@ -47,7 +48,7 @@ class MemoryReportCallback(Callback):
 
     """
 
-    def __init__(self, stages: Sequence[Stage] = _STAGES, print_table: bool = True, steps: int | None = 2) -> None:
+    def __init__(self, stages: Sequence[Stage] = _STAGES, print_table: bool = True, steps: int | None = 3) -> None:
         unknown = [s for s in stages if s not in _STAGES]
         if unknown:
             raise ValueError(f"MemoryReportCallback(stages=...): unknown {unknown}; allowed: {list(_STAGES)}")

@@ -1,5 +1,6 @@
 import logging
 
+import lightning as L
 import pytest
 from lightning.pytorch.loggers import Logger
 
@@ -69,3 +70,31 @@ def test_bad_stage_is_refused():
 
 def test_two_instances_have_distinct_state_keys():
     assert MemoryReportCallback(stages=["fit"]).state_key != MemoryReportCallback().state_key
+
+
+def test_sampled_steps_report_the_whole_runs_peak_and_leave_later_steps_alone():
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_lowvram.demo import TinyGPT, TinyTextDataModule
+
+    class Probe(Callback):
+        def __init__(self, report):
+            self.report, self.metered = report, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.metered.append(self.report._meter is not None)
+
+    reports = {}
+    for steps in (3, None):
+        L.seed_everything(0)
+        report = MemoryReportCallback(stages=["fit"], print_table=False, steps=steps)
+        probe = Probe(report)
+        trainer = L.Trainer(max_steps=8, callbacks=[report, probe], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2,
+                            val_check_interval=4)  # fmt: skip
+        trainer.fit(TinyGPT(seq_len=64, d_model=64, n_head=4, n_layer=2), TinyTextDataModule(batch_size=16))
+        reports[steps] = report.reports["fit"].total
+        assert probe.metered == ([True] * 3 + [False] * 5 if steps else [True] * 8)
+    assert abs(reports[3] - reports[None]) <= 0.01 * reports[None]
+    with pytest.raises(ValueError, match="steps=...\\) must be an integer >= 1 or None"):
+        MemoryReportCallback(steps=0)
