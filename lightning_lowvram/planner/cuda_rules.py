@@ -11,8 +11,11 @@ then applies these rules so the trace allocates what the card would:
   dropout and causality), through the same aten ops, so autograd saves what CUDA saves: the output and the
   log-sum-exp, not the L x L matrix (the CPU picks its own kernels: the math path, with the L x L matrix, whenever
   attention dropout is on). Autocast casts the inputs as CUDA autocast would (``CudaKernels``).
-- **Autocast's float32 ops:** CUDA autocast runs ``layer_norm``, ``group_norm``, ``softmax`` and ``log_softmax`` in
-  float32; CPU autocast keeps a bf16/fp16 input's dtype. Other ops follow the CPU's autocast lists.
+- **Autocast's float32 ops:** the ops CUDA autocast runs in float32 (``CUDA_AUTOCAST_FP32``: its ``AT_FORALL_FP32``
+  and ``AT_FORALL_FP32_SET_OPT_DTYPE`` lists, e.g. ``pow``, ``exp``, ``softmax``, ``layer_norm``, ``sum``, the
+  losses) get float32 inputs; CPU autocast would keep a bf16/fp16 input's dtype. Its lower-precision list matches the
+  CPU's for the ops models use (matmuls, convolutions, linear, attention); its promote list follows from type
+  promotion.
 - **Kernel workspaces** the meta kernels do not allocate: flash backward's float32 ``dq`` accumulator and
   ``softmax_d``, memory-efficient backward's ``delta`` (``KernelWorkspaces``). Other workspaces (cuDNN's, the
   memory-efficient backward's gradient accumulators, split-KV forward buffers) are not modelled, and grouped-query
@@ -213,13 +216,36 @@ class CudaKernels(torch.overrides.TorchFunctionMode):
                 return torch.native_dropout(params["input"], params.get("p", 0.5), True)[0]
         if func is F.scaled_dot_product_attention and self.attention:
             return cuda_sdpa(*args, **kwargs, compute_capability=self.compute_capability)
-        if func in _CUDA_AUTOCAST_FP32 and torch.is_autocast_enabled("cpu"):
+        if torch.is_autocast_enabled("cpu") and _cuda_runs_in_float32(func, kwargs):
             args, kwargs = tree_map_only(torch.Tensor, _to_float32, (args, kwargs))
         return func(*args, **kwargs)
 
 
-# ops CUDA autocast runs in float32 that the CPU's autocast leaves in the input's dtype
-_CUDA_AUTOCAST_FP32 = (F.layer_norm, F.group_norm, F.softmax, F.log_softmax)
+# CUDA autocast's float32 policy, from PyTorch's aten/src/ATen/autocast_mode.h (AT_FORALL_FP32 and
+# AT_FORALL_FP32_SET_OPT_DTYPE, the lists AutocastCUDA registers): these ops run in float32 whatever the input's dtype.
+# CPU autocast's lists differ (e.g. pow, exp, softmax, layer_norm, sum keep a bf16 input's dtype there), so during a
+# mixed-precision trace under CUDA rules their Python entry points get float32 inputs, as CUDA would give them.
+CUDA_AUTOCAST_FP32 = frozenset({
+    # AT_FORALL_FP32
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
+    "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "group_norm", "frobenius_norm", "nuclear_norm",
+    "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+    # AT_FORALL_FP32_SET_OPT_DTYPE (computed and returned in float32 when no dtype is asked for)
+    "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm", "sum",
+    # Python-level entry points whose aten ops are on the lists above: cross_entropy is log_softmax + nll_loss
+    "__pow__", "__rpow__", "cross_entropy", "norm",
+})  # fmt: skip
+_SET_OPT_DTYPE = frozenset({"prod", "softmax", "log_softmax", "cumprod", "cumsum", "sum", "linalg_vector_norm"})
+
+
+def _cuda_runs_in_float32(func: Any, kwargs: dict[str, Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    if name not in CUDA_AUTOCAST_FP32:
+        return False
+    return not (name in _SET_OPT_DTYPE and kwargs.get("dtype") is not None)  # an explicit dtype is kept
 
 
 def _to_float32(t: torch.Tensor) -> torch.Tensor:

@@ -163,3 +163,38 @@ def test_cuda_autocast_runs_norms_and_softmax_in_float32():
             cuda = F.layer_norm(x, (8,)).dtype, F.softmax(x, -1).dtype, norm(x).dtype
     assert cpu == (torch.bfloat16, torch.bfloat16)
     assert cuda == (torch.float32, torch.float32, torch.float32)
+
+
+def test_cuda_autocast_float32_policy_covers_pow_exp_sums_and_losses_as_pytorch_lists_them():
+    x = torch.ones(4, 8, dtype=torch.bfloat16)
+    target = torch.zeros(4, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ops = {
+            "pow": lambda: torch.pow(x, 3.0), "**": lambda: x**3, "exp": lambda: x.exp(), "sum": lambda: x.sum(),
+            "cumsum": lambda: x.cumsum(0), "cross_entropy": lambda: F.cross_entropy(x, target),
+            "mse_loss": lambda: F.mse_loss(x, x), "rsqrt": lambda: x.rsqrt(),
+        }  # fmt: skip
+        cpu = {name: op().dtype for name, op in ops.items()}
+        with CudaKernels(attention=False):
+            cuda = {name: op().dtype for name, op in ops.items()}
+            kept = x.sum(dtype=torch.bfloat16).dtype, (x * 2).dtype, F.gelu(x).dtype  # an explicit dtype; not listed
+    assert cpu["pow"] == cpu["exp"] == cpu["sum"] == torch.bfloat16  # what CPU autocast does
+    assert set(cuda.values()) == {torch.float32}, cuda
+    assert kept == (torch.bfloat16, torch.bfloat16, torch.bfloat16)
+
+
+def test_cuda_rules_bring_hf_gpt2_bf16_to_the_h200_measurement():
+    """HF GPT-2 small, 8 x 1024, bf16-mixed: 12829 MiB measured on an H200 (ANCHORS.md); the CPU lists gave 11022."""
+    import dataclasses
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_lowvram import gpu_profile
+    from tests.real_models.models import HFModule
+
+    h200 = dataclasses.replace(gpu_profile("h200_141gb"), context_mib=0)
+    torch.manual_seed(0)
+    module = HFModule(GPT2LMHeadModel(GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0)), optimizer="adamw")
+    ids = torch.zeros(8, 1024, dtype=torch.long)
+    estimate = estimate_step_memory(module, {"input_ids": ids, "labels": ids}, precision="bf16-mixed", gpu=h200)
+    assert 0.97 <= estimate.peak / (12829 * 2**20) <= 1.05
