@@ -68,7 +68,7 @@ class Unit:
         return total.sqrt()
 
     def keep(self, kept: Iterable[int]) -> None:
-        """Keep only the groups ``kept`` (in the order they are), replacing the parameters physically."""
+        """Keep only the groups ``kept`` (in index order), replacing the parameters physically."""
         kept_t = torch.tensor(sorted(set(int(k) for k in kept)), dtype=torch.long)
         if len(kept_t) == 0:
             raise ValueError(f"pruning would remove every group of {self.name!r}")

@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils._python_dispatch import _disable_current_modes
-from torchmetrics import Metric
 
 from lightning_lowvram.batching import (
     COUNTS,
@@ -24,6 +23,7 @@ from lightning_lowvram.batching import (
     micro_batch_bounds,
     slice_batch,
 )
+from lightning_lowvram.callbacks._metrics import snapshot_metrics
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.memory.oom import is_oom_error
 
@@ -299,7 +299,7 @@ class AutoMicroBatchCallback(Callback):
             )
         scaler = getattr(self._trainer.precision_plugin, "scaler", None)
         scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
-        restore_metrics = _snapshot_metrics(module)
+        restore_metrics = snapshot_metrics(module)
 
         def restore() -> None:
             for buffer, saved in buffers:
@@ -330,7 +330,7 @@ class AutoMicroBatchCallback(Callback):
                     if self.slice_fn
                     else slice_batch(batch, done, done + size, n)
                 )
-            restore_metrics = _snapshot_metrics(self._module)
+            restore_metrics = snapshot_metrics(self._module)
             result, oom = self._attempt(lambda _, piece=piece: original(piece, batch_idx, *args, **kwargs), size)
             if self._any_rank(oom):
                 restore_metrics()  # a metric updated before the OOM would count this piece twice
@@ -373,35 +373,6 @@ class AutoMicroBatchCallback(Callback):
                 "AutoMicroBatchCallback: BatchNorm layers now see micro-batches smaller than the batch, so their "
                 "statistics differ from a full-batch run; consider GroupNorm/LayerNorm"
             )
-
-
-def _snapshot_metrics(module: torch.nn.Module) -> Callable[[], None]:
-    """Capture every torchmetrics state in `module`; return the function that puts them back.
-
-    Tensor states are copied (they are small: sums, counts, confusion matrices); list states (concatenated
-    predictions) only grow by ``append`` during ``update``, so their length is enough: O(1) per batch, not O(epoch).
-    """
-    saved = []
-    for metric in module.modules():
-        if isinstance(metric, Metric):
-            states: dict[str, Any] = {}
-            for name in metric._defaults:
-                value = getattr(metric, name)
-                states[name] = value.detach().clone() if isinstance(value, torch.Tensor) else (value, len(value))
-            saved.append((metric, states, metric._update_count, metric._computed))
-
-    def restore() -> None:
-        for metric, states, update_count, computed in saved:
-            for name, value in states.items():
-                if isinstance(value, torch.Tensor):
-                    setattr(metric, name, value.clone())
-                else:
-                    items, length = value
-                    del items[length:]
-                    setattr(metric, name, items)
-            metric._update_count, metric._computed = update_count, computed
-
-    return restore
 
 
 def _loss_of(output: Any) -> torch.Tensor:

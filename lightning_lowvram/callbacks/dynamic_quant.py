@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_lowvram.batching import batch_size_of
+from lightning_lowvram.callbacks._metrics import snapshot_metrics
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.quantization import (
     BACKENDS,
@@ -201,6 +202,7 @@ class DynamicQuantCallback(Callback):
                 step(batch, 0)
 
         undo = patch_method(pl_module, "log", lambda original, *args, **kwargs: None)
+        restore_metrics = snapshot_metrics(pl_module)  # the timing runs must not count in the stage's metrics
         times: dict[str, float] = {}
         try:
             times[FLOAT] = median_seconds(run, pl_module.device)
@@ -209,6 +211,8 @@ class DynamicQuantCallback(Callback):
                 times[backend] = median_seconds(run, pl_module.device)
                 self._swap_out(pl_module)
         finally:
+            self._swap_out(pl_module)
+            restore_metrics()
             undo()
         best = min(times, key=times.__getitem__)
         if best == FLOAT:

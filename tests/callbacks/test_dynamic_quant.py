@@ -136,3 +136,18 @@ def test_a_warning_says_when_int8_was_slower():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quant._report(trainer, "test", {"latency_ms": 2.0}, {"latency_ms": 1.0})  # faster: no warning
+
+
+def test_measuring_the_backends_does_not_count_in_the_stages_metrics():
+    from lightning.pytorch.callbacks import Callback
+
+    class Probe(Callback):
+        def on_test_start(self, trainer, pl_module):
+            self.updates = pl_module.test_acc._update_count
+
+    probe = Probe()
+    quant = DynamicQuantCallback(stages=("test",), backend="measure", compare=False, print_table=False)
+    trainer = L.Trainer(callbacks=[quant, probe], logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    model = DigitsMLP(hidden=32)
+    trainer.test(model, DigitsDataModule(), verbose=False)
+    assert quant.measured["test"] and probe.updates == 0  # 4 timed runs per path happened, none counted
