@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -26,8 +28,11 @@ class MemoryReportCallback(Callback):
     counts toward ``fit``. Metrics ``lowvram/memory/<stage>/<category>_mib`` go to every logger of the Trainer when
     the stage ends; the table is printed on rank zero. ``reports`` keeps the last peak of each stage.
 
-    The one trap: a peak that comes later than the sampled steps (a longer batch, an epoch with another shape) is not
-    seen; pass ``steps=None`` to measure every step.
+    On CUDA the caching allocator's peaks (``cuda_allocated``, ``cuda_reserved``) still cover every step of the stage
+    after the sampled ones (not yet run on a GPU).
+
+    The one trap: on CPU, and in the categories on CUDA, a peak that comes later than the sampled steps (a longer
+    batch, an epoch with another shape) is not seen; pass ``steps=None`` to measure every step.
 
     Args:
         stages: Stages to measure.
@@ -153,7 +158,14 @@ class MemoryReportCallback(Callback):
         self._stage, peaks = None, self._peaks
         if not peaks:
             return
-        peak = self.reports[stage] = max(peaks, key=lambda p: p.total)
+        peak = max(peaks, key=lambda p: p.total)
+        if peak.cuda_allocated is not None:  # the allocator saw every step since the last sample, not only those
+            peak = dataclasses.replace(
+                peak,
+                cuda_allocated=max([p.cuda_allocated or 0 for p in peaks] + [torch.cuda.max_memory_allocated()]),
+                cuda_reserved=max([p.cuda_reserved or 0 for p in peaks] + [torch.cuda.max_memory_reserved()]),
+            )
+        self.reports[stage] = peak
         for logger in trainer.loggers:
             logger.log_metrics(peak.as_metrics(f"lowvram/memory/{stage}"), step=trainer.global_step)
         if self.print_table:
