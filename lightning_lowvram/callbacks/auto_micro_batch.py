@@ -65,7 +65,7 @@ class AutoMicroBatchCallback(Callback):
         count_fn: ``count_fn(batch) -> number`` of loss units when the module's loss is a mean over those units
             rather than over samples, or a preset: ``"causal_lm_tokens"`` (Hugging Face causal LMs: the shifted
             ``labels`` that are not -100) or ``"label_tokens"`` (masked LM, token classification: ``labels`` not
-            -100). A dict batch whose ``labels`` hold -100 with no ``count_fn`` gets one warning: its split is not
+            -100). A first dict batch whose ``labels`` hold -100 with no ``count_fn`` gets one warning: its split is not
             exact. Micro-batches with a count of 0 are skipped (their weight is 0).
         slice_fn: ``slice_fn(batch, start, end)`` for batch types :mod:`lightning_lowvram.batching` does not know.
 
@@ -108,7 +108,7 @@ class AutoMicroBatchCallback(Callback):
         self.min_micro_batch_size = min_micro_batch_size
         self.count_fn = COUNTS[count_fn] if isinstance(count_fn, str) else count_fn
         self.slice_fn = slice_fn
-        self._warned_labels = False
+        self._labels_checked = False
         self.eval_enabled = eval_micro_batch_size is not None
         # chosen sizes (None: the whole batch) and the smallest size that failed, per kind ("train" or an eval stage)
         self.sizes: dict[str, int | None] = {"train": None if micro_batch_size == "auto" else micro_batch_size}
@@ -190,14 +190,15 @@ class AutoMicroBatchCallback(Callback):
 
     def _training_step(self, original: Callable[..., Any], batch: Any, batch_idx: int, *args: Any, **kwargs: Any):
         trainer = self._trainer
-        if self.count_fn is None and not self._warned_labels and has_ignored_labels(batch):
-            self._warned_labels = True
-            rank_zero_warn(
-                "AutoMicroBatchCallback: the batch's `labels` hold -100 (ignored positions) and no count_fn was given, "
-                "so micro-batches are weighted by samples and a split batch is not exactly the whole batch: pass "
-                "count_fn='causal_lm_tokens' (Hugging Face causal LMs) or 'label_tokens' (masked LM, token "
-                "classification)"
-            )
+        if self.count_fn is None and not self._labels_checked:
+            self._labels_checked = True  # the first batch only: no per-step check (nor device sync) afterwards
+            if has_ignored_labels(batch):
+                rank_zero_warn(
+                    "AutoMicroBatchCallback: the batch's `labels` hold -100 (ignored positions) and no count_fn was "
+                    "given, so micro-batches are weighted by samples and a split batch is not exactly the whole batch: "
+                    "pass count_fn='causal_lm_tokens' (Hugging Face causal LMs) or 'label_tokens' (masked LM, token "
+                    "classification)"
+                )
         first_in_window = batch_idx % trainer.accumulate_grad_batches == 0
         if first_in_window:
             # Lightning zeroes gradients *after* training_step; the micro-batches back-propagate inside it
