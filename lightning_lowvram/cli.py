@@ -40,7 +40,10 @@ def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
+        # Hydra's first line only names the target; the reason (a constructor's ValueError...) is its cause
         cause = str(err).splitlines()[0]
+        if err.__cause__ is not None and str(err.__cause__):
+            cause += f" {type(err.__cause__).__name__}: {str(err.__cause__).splitlines()[0]}"
         raise ConfigError(f"{key}._target_={target!r} could not be instantiated: {cause}") from err
 
 

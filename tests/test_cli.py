@@ -95,6 +95,9 @@ def test_overrides_reach_the_trainer_and_model(tmp_path):
             "not a LightningModule",
         ),
         (["command=train"], "command='train' is unknown; allowed: fit"),
+        # a constructor's reason is in the line, not only Hydra's "Error in call to target"
+        (["strategy=prune", "strategy.pruning.amount=2"], r"ValueError: amount must be a number in \[0, 1\), got 2"),
+        (["strategy=micro_batch", "strategy.micro_batch.count_fn=tokens"], "count_fn must be a callable or one of"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key_before_training(overrides, message):
