@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -134,9 +133,9 @@ def estimate_step_memory(
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     micro = min(micro_batch_size or n, n)
-    micro_batches = [slice_batch(batch, 0, micro, n)] * min(2, math.ceil(n / micro))  # 2: the batch splits
+    split = micro < n  # later micro-batches of a step run with the step's gradients already there
 
-    step = (module, micro_batches, precision, optimizer, activation_checkpointing, capability)
+    step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, activation_checkpointing, capability)
     try:
         best, phases, work = _run(*step, fake=True)
         method = "fake"
@@ -195,7 +194,8 @@ _UNTRACEABLE = (
 
 def _run(
     module: nn.Module,
-    batches: list[Any],
+    batch: Any,
+    accumulating: bool,
     precision: str,
     optimizer: Any,
     activation_checkpointing: bool,
@@ -205,12 +205,11 @@ def _run(
     """Two optimizer steps of a copy of ``module``, metered per phase; the second's work counted.
 
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
-    gradients of earlier micro-batches present when ``batches`` holds two, i.e. the batch splits) and the update.
+    gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
 
     ``capability``: the CUDA card's compute capability, whose rules apply; ``None``: the CPU's.
     """
     cuda = capability is not None
-    accumulating = len(batches) > 1
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
         copied = copy.deepcopy(module)
@@ -220,7 +219,7 @@ def _run(
         checkpoint_blocks(copied)
     copied.train()
     copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
-    inputs = [tree_map_only(torch.Tensor, mode.from_tensor, b) for b in batches] if mode else batches
+    inputs = tree_map_only(torch.Tensor, mode.from_tensor, batch) if mode else batch
     phases = dict.fromkeys(PHASES, 0)
     best = None  # the meter's stats at the highest peak of any phase
 
@@ -254,7 +253,7 @@ def _run(
             with counter:
                 meter.reset_peak()
                 with _autocast(precision):
-                    loss = _loss(copied, inputs[0])
+                    loss = _loss(copied, inputs)
                 record("forward")
                 _backward(loss)
                 del loss
