@@ -10,32 +10,39 @@ then applies these rules so the trace allocates what the card would:
   the card (``sdpa_backend``: cuDNN, flash, memory-efficient or math, by compute capability, dtype, head size, mask,
   dropout and causality), through the same aten ops, so autograd saves what CUDA saves: the output and the
   log-sum-exp, not the L x L matrix (the CPU picks its own kernels: the math path, with the L x L matrix, whenever
-  attention dropout is on). Autocast casts the inputs as CUDA autocast would (``CudaKernels``).
-- **Autocast's float32 ops:** the ops CUDA autocast runs in float32 (``CUDA_AUTOCAST_FP32``: its ``AT_FORALL_FP32``
-  and ``AT_FORALL_FP32_SET_OPT_DTYPE`` lists, e.g. ``pow``, ``exp``, ``softmax``, ``layer_norm``, ``sum``, the
-  losses) get float32 inputs; CPU autocast would keep a bf16/fp16 input's dtype. Its lower-precision list matches the
-  CPU's for the ops models use (matmuls, convolutions, linear, attention); its promote list follows from type
-  promotion.
-- **Kernel workspaces** the meta kernels do not allocate: flash backward's float32 ``dq`` accumulator and
-  ``softmax_d``, memory-efficient backward's ``delta`` (``KernelWorkspaces``). Other workspaces (cuDNN's, the
-  memory-efficient backward's gradient accumulators, split-KV forward buffers) are not modelled, and grouped-query
-  attention is traced on the math path (an over-estimate).
+  attention dropout is on).
+- **Autocast:** mixed precision follows CUDA autocast's policy op by op (``CUDA_AUTOCAST_POLICY``: the
+  lower-precision, float32, float32-output-dtype and promote lists PyTorch registers for CUDA, the same for bf16 and
+  fp16), applied by kernels at CPU autocast's place in the dispatcher while ``cuda_autocast_policy`` is active; CPU
+  autocast's own lists differ (it keeps ``pow``, ``exp``, ``softmax``, ``layer_norm``, ``sum`` in bf16).
+- **Kernel workspaces** the meta kernels do not allocate (``KernelWorkspaces``): flash backward's float32 ``dq``
+  accumulator and ``softmax_d``, memory-efficient backward's ``delta``; cuBLAS's workspace, one per handle (the
+  forward's and the backward's thread), kept from the first GEMM (``cublas_workspace_bytes``); a cuDNN workspace while
+  each convolution runs (``CUDNN_WORKSPACE_CAP``; calibrated, see there). Not modelled: the memory-efficient backward's
+  gradient accumulators, split-KV forward buffers; grouped-query attention is traced on the math path (an
+  over-estimate).
 
-The rules follow PyTorch's ``sdp_utils.cpp`` and ``flash_api.cpp`` as read, not measured: no GPU was available to
-validate them (``benchmarks/gpu_validate_estimate.py`` does that where one is).
+The attention rules follow PyTorch's ``sdp_utils.cpp`` and ``flash_api.cpp`` as read. Against the one GPU
+measurement there is (an H200, issue 12) the estimates are -0.8 % to +1.7 % (``benchmarks/estimate_vs_h200.py``);
+``benchmarks/gpu_validate_estimate.py`` checks more models where a GPU is lent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+import os
+import re
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 SDPABackend = Literal["cudnn", "flash", "efficient", "math"]
 DEFAULT_CAPABILITY = (8, 0)  # an A100 when no card is named
@@ -216,51 +223,236 @@ class CudaKernels(torch.overrides.TorchFunctionMode):
                 return torch.native_dropout(params["input"], params.get("p", 0.5), True)[0]
         if func is F.scaled_dot_product_attention and self.attention:
             return cuda_sdpa(*args, **kwargs, compute_capability=self.compute_capability)
-        if torch.is_autocast_enabled("cpu") and _cuda_runs_in_float32(func, kwargs):
-            args, kwargs = tree_map_only(torch.Tensor, _to_float32, (args, kwargs))
         return func(*args, **kwargs)
 
 
-# CUDA autocast's float32 policy, from PyTorch's aten/src/ATen/autocast_mode.h (AT_FORALL_FP32 and
-# AT_FORALL_FP32_SET_OPT_DTYPE, the lists AutocastCUDA registers): these ops run in float32 whatever the input's dtype.
-# CPU autocast's lists differ (e.g. pow, exp, softmax, layer_norm, sum keep a bf16 input's dtype there), so during a
-# mixed-precision trace under CUDA rules their Python entry points get float32 inputs, as CUDA would give them.
-CUDA_AUTOCAST_FP32 = frozenset({
-    # AT_FORALL_FP32
-    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
-    "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "group_norm", "frobenius_norm", "nuclear_norm",
-    "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
-    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
-    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
-    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
-    # AT_FORALL_FP32_SET_OPT_DTYPE (computed and returned in float32 when no dtype is asked for)
-    "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm", "sum",
-    # Python-level entry points whose aten ops are on the lists above: cross_entropy is log_softmax + nll_loss
-    "__pow__", "__rpow__", "cross_entropy", "norm",
-})  # fmt: skip
-_SET_OPT_DTYPE = frozenset({"prod", "softmax", "log_softmax", "cumprod", "cumsum", "sum", "linalg_vector_norm"})
+# CUDA autocast's policy, op by op, as PyTorch defines it for CUDA: the macros AT_FORALL_LOWER_PRECISION_FP,
+# AT_FORALL_FP32, AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE and AT_FORALL_PROMOTE of
+# aten/src/ATen/autocast_mode.h, which autocast_mode.cpp registers for the AutocastCUDA key (torch 2.13's header,
+# shipped in the wheel as torch/include/ATen/autocast_mode.h; tests/planner/test_cuda_rules.py compares this table with
+# the installed header). The same lists serve bf16 and fp16: "lower_precision_fp" casts to the autocast dtype.
+# An entry without an overload is the op's default overload, as in the header.
+CUDA_AUTOCAST_POLICY: dict[str, tuple[str, ...]] = {
+    "lower_precision_fp": (
+        "_convolution.deprecated", "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d",
+        "conv_transpose2d.input", "conv_transpose3d.input", "convolution", "prelu", "addmm", "addmv", "addr", "matmul",
+        "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot",
+        "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+        "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
+    ),
+    "fp32": (
+        "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+        "sinh", "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm",
+        "native_layer_norm", "rms_norm", "group_norm", "frobenius_norm.dim", "nuclear_norm", "nuclear_norm.dim",
+        "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+        "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+        "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+        "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d",
+        "_upsample_nearest_exact1d", "upsample_nearest2d", "_upsample_nearest_exact2d", "upsample_nearest3d",
+        "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d", "_upsample_bilinear2d_aa",
+        "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_bicubic2d_aa",
+    ),
+    "fp32_set_opt_dtype": (
+        "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm",
+        "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum", "sum.dim_IntList",
+    ),
+    "fp32_append_dtype": ("norm.Scalar", "norm.ScalarOpt_dim"),
+    "promote": (
+        "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put", "tensordot",
+        "scatter_add",
+    ),
+}  # fmt: skip
+# norm's fp32_append_dtype redispatch to the overload taking an output dtype (AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE)
+_APPEND_DTYPE = {"norm.Scalar": "norm.ScalarOpt_dtype", "norm.ScalarOpt_dim": "norm.ScalarOpt_dim_dtype"}
+_AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 
 
-def _cuda_runs_in_float32(func: Any, kwargs: dict[str, Any]) -> bool:
-    name = getattr(func, "__name__", "")
-    if name not in CUDA_AUTOCAST_FP32:
-        return False
-    return not (name in _SET_OPT_DTYPE and kwargs.get("dtype") is not None)  # an explicit dtype is kept
+def _overload(name: str) -> Any:
+    op, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, op), overload or "default")
 
 
-def _to_float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in _HALF else t
+@functools.cache
+def _cpu_autocast_ops() -> tuple[str, ...]:
+    """The aten ops CPU autocast registers a kernel for (its own lists, which differ from CUDA's)."""
+    names = torch._C._dispatch_get_all_op_names()
+    return tuple(
+        name.removeprefix("aten::")
+        for name in names
+        if name.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCPU")
+    )
+
+
+def _eligible(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+
+class _CudaAutocast:
+    """The kernels that make CPU autocast cast as CUDA autocast would (``cuda_autocast_policy``)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+
+    def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``cached_cast``: the lower-precision copy of a float32 leaf weight is kept until autocast exits."""
+        if not _eligible(t) or t.dtype == dtype:
+            return t
+        cacheable = (
+            dtype == torch.get_autocast_dtype("cpu")
+            and t.dtype == torch.float32
+            and t.requires_grad
+            and t.is_leaf
+            and not t._is_view()
+            and torch.is_autocast_cache_enabled()
+        )
+        if cacheable and id(t) in self.cache and self.cache[id(t)][0]() is t:
+            return self.cache[id(t)][1]
+        out = t.to(dtype)
+        if cacheable:
+            self.cache[id(t)] = (weakref.ref(t), out)
+        return out
+
+    def kernel(self, name: str, policy: str) -> Callable[..., Any]:
+        op = _overload(name)
+        dtype_at = next((i for i, arg in enumerate(op._schema.arguments) if arg.name == "dtype"), None)
+
+        def cast_all(dtype: torch.dtype, args: Any, kwargs: Any) -> Any:
+            return tree_map_only(torch.Tensor, lambda t: self.cast(t, dtype), (args, kwargs))
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):  # redispatch below autocast, as autocast does
+                leaves = tree_leaves((args, kwargs))
+                first = next((a for a in leaves if isinstance(a, torch.Tensor)), None)
+                if policy == "lower_precision_fp":
+                    args, kwargs = cast_all(torch.get_autocast_dtype("cpu"), args, kwargs)
+                elif policy == "fp32":
+                    args, kwargs = cast_all(torch.float32, args, kwargs)
+                elif policy == "promote":
+                    dtype = torch.get_autocast_dtype("cpu")
+                    for t in leaves:
+                        if _eligible(t):
+                            dtype = torch.float32 if torch.float32 in (dtype, t.dtype) else dtype
+                    args, kwargs = cast_all(dtype, args, kwargs)
+                elif policy == "fp32_set_opt_dtype" and _eligible(first):
+                    if dtype_at is not None and dtype_at < len(args):
+                        args = (*args[:dtype_at], args[dtype_at] or torch.float32, *args[dtype_at + 1 :])
+                    elif kwargs.get("dtype") is None:
+                        kwargs = {**kwargs, "dtype": torch.float32}
+                elif policy == "fp32_append_dtype" and _eligible(first):
+                    args = args if len(args) > 1 else (*args, 2)  # norm's default p
+                    return _overload(_APPEND_DTYPE[name])(*args, **kwargs, dtype=torch.float32)
+                return op(*args, **kwargs)
+
+        return run
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy() -> Iterator[None]:
+    """While active, ``torch.autocast("cpu", ...)`` casts as CUDA autocast does, op by op (``CUDA_AUTOCAST_POLICY``).
+
+    The aten ops on CUDA's lists get ``AutocastCPU`` kernels that apply CUDA's policy (lower precision, float32,
+    float32 output dtype, promotion), with CUDA's cache of weight casts; the ops only CPU autocast lists run uncast.
+    The kernels sit at autocast's place in the dispatcher, so ops inside composite ops (``cross_entropy`` is
+    ``log_softmax`` then ``nll_loss``) and forwards recomputed by activation checkpointing follow the policy too.
+    Deliberate difference: ``binary_cross_entropy``, which CUDA autocast refuses, runs in float32 (as CPU autocast
+    runs it), so a model using it is estimated as if it used the ``..._with_logits`` form.
+
+    Example:
+        >>> x = torch.ones(4, 8)
+        >>> with cuda_autocast_policy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     (x @ x.T).dtype, x.bfloat16().exp().dtype, torch.softmax(x.bfloat16(), -1).dtype
+        (torch.bfloat16, torch.float32, torch.float32)
+
+    """
+    state = _CudaAutocast()
+    policies = {name: policy for policy, names in CUDA_AUTOCAST_POLICY.items() for name in names}
+    policies |= {name: None for name in _cpu_autocast_ops() if name not in policies}
+    library = torch.library.Library("aten", "IMPL")
+    clear = torch.clear_autocast_cache
+
+    def clear_both() -> None:
+        state.cache.clear()
+        clear()
+
+    try:
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel": the CPU lists, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            for name, policy in policies.items():
+                with contextlib.suppress(AttributeError):  # an op this torch build does not have
+                    # not on CUDA's lists: fall through to the op's own kernel (whose inner ops autocast sees)
+                    kernel = torch.library.fallthrough_kernel if policy is None else state.kernel(name, policy)
+                    library.impl(name, kernel, "AutocastCPU")
+        torch.clear_autocast_cache = clear_both  # autocast's exit drops the cache of casts
+        yield
+    finally:
+        torch.clear_autocast_cache = clear
+        library._destroy()
+        state.cache.clear()
 
 
 def _round(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class KernelWorkspaces(TorchDispatchMode):
-    """Allocate, for the duration of an attention backward kernel, the buffers CUDA's kernel allocates inside.
+# cuBLAS's workspace per handle and stream, allocated through the caching allocator on a handle's first GEMM and kept:
+# 32 MiB on compute capability 9.x, 10.x and 12.x, else ":4096:2:16:8" = 8 MiB + 128 KiB (PyTorch's
+# aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize; CUBLAS_WORKSPACE_CONFIG overrides it). A training
+# step has two: the forward's thread and the autograd engine's device thread each hold a handle. With them, HF GPT-2's
+# fp32 estimate meets the H200 measurement (issue 12: it was 66 MiB = 2 x 32 MiB + rounding low).
+_CUBLAS_GEMMS = frozenset({
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten._addmm_activation.default,
+    _aten.addmv.default, _aten.mv.default, _aten.addbmm.default,
+})  # fmt: skip
+# cuDNN convolution workspace: cuDNN's heuristics pick the algorithm, and PyTorch (aten/src/ATen/native/cudnn/
+# Conv_v8.cpp, try_plans) takes the first plan whose workspace the allocator can give, falling back to plans with
+# smaller workspaces when it cannot, so the size depends on the card, the cuDNN version and free memory. Rule: each
+# convolution (forward, or its backward) holds, while it runs, the explicit-GEMM algorithm's workspace (the im2col
+# matrix) in float32, capped at CUDNN_WORKSPACE_CAP. Calibrated on the one measurement there is (issue 12: torchvision
+# resnet18, batch 64 x 224^2 on an H200, after cuBLAS's two workspaces 40 MiB (fp32) and 37 MiB (bf16) stayed
+# unexplained); at resnet18's peak the rule adds 55 MiB (both precisions: an over-estimate). On a card short of memory
+# cuDNN takes smaller workspaces, so there the rule errs high.
+CUDNN_WORKSPACE_CAP = 64 * 2**20
 
-    Enter it inside the meter, so the meter sees these allocations.
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
+    """PyTorch's default cuBLAS workspace on a card (bytes).
+
+    Example:
+        >>> cublas_workspace_bytes((9, 0)) // 2**20, cublas_workspace_bytes((8, 6))
+        (32, 8519680)
+
     """
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        pairs = re.findall(r":(\d+):(\d+)", os.environ["CUBLAS_WORKSPACE_CONFIG"])
+        if pairs:
+            return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    if compute_capability[0] in (9, 10, 12):
+        return 4096 * 1024 * 8
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def _im2col_bytes(input_shape: Any, weight_shape: Any, output_shape: Any) -> int:
+    """float32 bytes of the convolution's im2col matrix: (batch x output positions) x (in channels x kernel)."""
+    batch, spatial = input_shape[0], math.prod(output_shape[2:])
+    return 4 * batch * spatial * math.prod(weight_shape[1:]) * (input_shape[1] // weight_shape[1])
+
+
+class KernelWorkspaces(TorchDispatchMode):
+    """Allocate the buffers CUDA's kernels allocate inside: attention backward's, cuDNN's and cuBLAS's workspaces.
+
+    Attention (flash / memory-efficient backward) and convolution workspaces live while their kernel runs; cuBLAS's
+    (``cublas_workspace_bytes``, one for the forward's thread and one for the backward's) stay from their first GEMM.
+    Enter it inside the meter, so the meter sees these allocations.
+
+    Args:
+        compute_capability: The card's ``(major, minor)``: it sizes cuBLAS's workspace.
+
+    """
+
+    def __init__(self, compute_capability: tuple[int, int] = DEFAULT_CAPABILITY) -> None:
+        super().__init__()
+        self.cublas_bytes = cublas_workspace_bytes(tuple(compute_capability))
+        self.cublas: dict[bool, torch.Tensor] = {}  # by "in backward"
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -275,6 +467,18 @@ class KernelWorkspaces(TorchDispatchMode):
         elif func is _aten._scaled_dot_product_efficient_attention_backward.default:
             query = args[1]
             workspaces = [torch.empty(*query.shape[:-1], dtype=torch.float32, device=query.device)]  # delta
+        elif func is _aten.convolution.default or func is _aten.convolution_backward.default:
+            out = func(*args, **kwargs)
+            forward = func is _aten.convolution.default
+            data, weight, result = (args[0], args[1], out) if forward else (args[1], args[2], args[0])
+            size = min(_im2col_bytes(data.shape, weight.shape, result.shape), CUDNN_WORKSPACE_CAP)
+            workspace = torch.empty(size, dtype=torch.uint8, device=data.device)  # beside the outputs, as in the kernel
+            del workspace
+            return out
+        elif func in _CUBLAS_GEMMS:
+            backward = torch._C._current_autograd_node() is not None
+            if backward not in self.cublas:
+                self.cublas[backward] = torch.empty(self.cublas_bytes, dtype=torch.uint8, device=args[0].device)
         out = func(*args, **kwargs)
         del workspaces
         return out

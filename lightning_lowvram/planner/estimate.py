@@ -8,9 +8,10 @@ models and on HF GPT-2, Llama, BERT and a ResNet-style net). For a CUDA card it 
 512-byte allocation rounding, the multi-tensor (``foreach``) optimizer implementation CUDA uses by default, dropout's
 bool mask, the fused attention kernel the card would run (flash / memory-efficient / cuDNN / math, chosen by
 PyTorch's rules for its compute capability) with the workspaces its backward allocates, and the card's
-context/workspace allowance (``GPUProfile.context_mib``). These CUDA rules are read from PyTorch's source; one check
-on an H200 (ANCHORS.md) found fp32 within 1.5 % and bf16-mixed 14 % low; with CUDA autocast's float32 list reproduced
-since, HF GPT-2's bf16 estimate is 0.994 of that measurement. cuDNN convolution workspaces are not modelled.
+context/workspace allowance (``GPUProfile.context_mib``), CUDA autocast's op lists for mixed precision, and cuBLAS's
+and cuDNN's workspaces. Against the one GPU measurement there is (an H200, issue 12: HF GPT-2 small whole,
+micro-batched, checkpointed, fp32 and bf16; resnet18 fp32 and bf16) the estimates are -0.8 % to +1.7 %
+(``benchmarks/estimate_vs_h200``); other families and cards are unverified on a GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from lightning_lowvram.batching import batch_size_of, slice_batch
 from lightning_lowvram.checkpointing import checkpoint_blocks
 from lightning_lowvram.memory.meter import MemoryMeter
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
-from lightning_lowvram.planner.cuda_rules import DEFAULT_CAPABILITY, CudaKernels, KernelWorkspaces, cuda_rounding
+from lightning_lowvram.planner.cuda_rules import (
+    DEFAULT_CAPABILITY,
+    CudaKernels,
+    KernelWorkspaces,
+    cuda_autocast_policy,
+    cuda_rounding,
+)
 from lightning_lowvram.planner.timing import StepWork, WorkCounter
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
@@ -232,14 +239,15 @@ def _run(
         meter.reset_peak()
 
     kernels = CudaKernels(capability, attention=fake) if cuda else contextlib.nullcontext()
-    with mode or contextlib.nullcontext(), cuda_rounding(cuda), kernels:
+    policy = cuda_autocast_policy() if cuda else contextlib.nullcontext()
+    with mode or contextlib.nullcontext(), cuda_rounding(cuda), kernels, policy:
         opt = _optimizer(copied, optimizer)
         if cuda:
             for group in opt.param_groups:
                 if "foreach" in group:
                     group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
         counter = WorkCounter()
-        with MemoryMeter(copied, opt) as meter, KernelWorkspaces() if cuda else contextlib.nullcontext():
+        with MemoryMeter(copied, opt) as meter, KernelWorkspaces(capability) if cuda else contextlib.nullcontext():
             # the first step only creates the optimizer state: zero gradients stand in for a forward and backward
             for group in opt.param_groups:
                 for param in group["params"]:

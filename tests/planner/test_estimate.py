@@ -124,6 +124,7 @@ def test_8bit_optimizer_state_is_modelled_as_torchao_stores_it():
     assert plain.peak - eight.peak == fp32 - eight_bit > 0
 
 
+@pytest.mark.usefixtures("no_cublas_workspace")
 def test_cuda_rules_keep_dropout_masks_as_bool():
     class WithDropout(DigitsMLP):
         def __init__(self):

@@ -93,6 +93,7 @@ def test_when_optimizer_state_dominates_the_plan_takes_8bit_state():
     assert "lowvram_optimizer_8bit" in result.overrides()[1]
 
 
+@pytest.mark.usefixtures("no_cublas_workspace")
 def test_an_int8_frozen_base_only_when_allowed():
     from lightning_lowvram import DynamicQuantCallback
     from tests.callbacks.test_dynamic_quant import FrozenBase

@@ -122,11 +122,20 @@ class BasicBlock(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """``resnet18``'s layout at a small width: stem, four stages of basic blocks, global pool, classifier."""
+    """``resnet18``'s layout at a small width: stem, four stages of basic blocks, global pool, classifier.
 
-    def __init__(self, width: int = 8, blocks: int = 2, classes: int = 10) -> None:
+    ``imagenet_stem=True`` uses torchvision's stem (7x7 stride-2 convolution and 3x3 stride-2 max-pool), so
+    ``TinyResNet(64, classes=1000, imagenet_stem=True)`` has torchvision's resnet18 shapes (``resnet18()``).
+    """
+
+    def __init__(self, width: int = 8, blocks: int = 2, classes: int = 10, imagenet_stem: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        if imagenet_stem:
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.pool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         stages, cin = [], width
         for i in range(4):
@@ -138,9 +147,14 @@ class TinyResNet(nn.Module):
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(x.mean((2, 3)))
+
+
+def resnet18() -> TinyResNet:
+    """torchvision's resnet18 shapes (11.7M parameters), random init (its torchvision does not import here)."""
+    return TinyResNet(64, classes=1000, imagenet_stem=True)
 
 
 class ResNetModule(L.LightningModule):

@@ -29,6 +29,7 @@ def test_cpu_estimate_matches_the_meter_within_5_percent(name, precision):
     assert abs(estimate.peak - measured) <= 0.05 * measured, (estimate, measured)
 
 
+@pytest.mark.usefixtures("no_cublas_workspace")
 @pytest.mark.parametrize("name", NAMES)
 def test_plan_runs_and_fits_a_card_the_plain_step_does_not(name):
     module, loader = build(name)
