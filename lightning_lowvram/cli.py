@@ -8,14 +8,18 @@ model and data and writes a PNG chart, without training.
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
@@ -26,8 +30,80 @@ from lightning_lowvram.memory.profiles import GPUProfile, format_bytes
 COMMANDS = ("fit", "plan")
 
 
+class NothingFits(RuntimeError):
+    """Even the smallest setting exceeds the budget: printed as one paragraph of advice, exit status 1."""
+
+
 class ConfigError(ValueError):
-    """Bad configuration, reported as one line naming the key and value before any training starts."""
+    """Bad configuration, reported as ``lowvram: error: <key>=<value>: <reason>`` before any training starts.
+
+    Args:
+        key: The config key at fault (dotted, as on the command line).
+        value: Its value.
+        reason: Why it was rejected.
+
+    """
+
+    def __init__(self, key: str, value: Any, reason: str) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"{key}={_show(value)}: {reason}")
+
+
+def _show(value: Any) -> str:
+    """A config value as it is written on the command line."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=False)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _user_overrides() -> list[str]:
+    """The command line's overrides (``key=value``), when running as the Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _blame(node: Any, prefix: str, reason: str) -> ConfigError:
+    """The error for a rejected node: the argument its reason names (the user's override first), else its target."""
+    keys = [k for k in (node.keys() if isinstance(node, DictConfig) else []) if not str(k).startswith("_")]
+    named = [k for k in keys if re.search(rf"(?<!\w){re.escape(str(k))}(?!\w)", reason, re.IGNORECASE)]
+    overridden = {o.lstrip("+~").split("=", 1)[0] for o in _user_overrides()}
+    given = [k for k in keys if f"{prefix}.{k}" in overridden]
+    pick = next((k for k in named if k in given), None) or (named[0] if named else None)
+    if pick is None and len(given) == 1 and not named:
+        pick = given[0]
+    if pick is not None:
+        return ConfigError(f"{prefix}.{pick}", node.get(pick), _drop_key(reason, f"{prefix}.{pick}"))
+    group = prefix.split(".")[0]
+    choice = next((o.split("=", 1)[1] for o in _user_overrides() if o.lstrip("+").startswith(f"{group}=")), None)
+    if choice is not None and prefix == group:
+        return ConfigError(group, choice, reason)
+    return ConfigError(f"{prefix}._target_", node.get("_target_") if isinstance(node, DictConfig) else None, reason)
+
+
+def _drop_key(reason: str, key: str) -> str:
+    """``"gpu.memory_gib must be > 0"`` -> ``"must be > 0"`` when the line already names the key."""
+    for prefix in (key, key.rsplit(".", 1)[-1]):
+        if reason.startswith(prefix + " "):
+            return reason[len(prefix) + 1 :]
+    return reason
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of what went wrong, without Hydra's "Error in call to target" wrapper."""
+    cause = err.__cause__ if err.__cause__ is not None and str(err.__cause__) else err
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()] or [type(cause).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    text = re.sub(r"^Error in call to target '[^']*':\s*", "", text)
+    if type(cause).__name__ not in ("ValueError", "TypeError", "MisconfigurationException", "InstantiationException"):
+        text = f"{type(cause).__name__}: {text}"
+    return text
 
 
 def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
@@ -36,15 +112,11 @@ def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
 
     target = node.get("_target_") if isinstance(node, Mapping | DictConfig) else None
     if target is None:
-        raise ConfigError(f"{key}: a `_target_` is required")
+        raise ConfigError(key, _show(node), "a `_target_` is required")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        # Hydra's first line only names the target; the reason (a constructor's ValueError...) is its cause
-        cause = str(err).splitlines()[0]
-        if err.__cause__ is not None and str(err.__cause__):
-            cause += f" {type(err.__cause__).__name__}: {str(err.__cause__).splitlines()[0]}"
-        raise ConfigError(f"{key}._target_={target!r} could not be instantiated: {cause}") from err
+        raise _blame(node, key, _reason(err)) from err
 
 
 def _callback_nodes(cfg: DictConfig) -> Iterator[tuple[str, Any]]:
@@ -67,34 +139,44 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    if cfg.command not in COMMANDS:
-        raise ConfigError(f"command={cfg.command!r} is unknown; allowed: {', '.join(COMMANDS)}")
+    _check_top_level(cfg)
     try:
         profile = GPUProfile.from_config(OmegaConf.to_container(cfg.gpu, resolve=True))
     except (TypeError, ValueError) as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
+        raise _blame(cfg.gpu, "gpu", str(err).splitlines()[0]) from err
     model = _instantiate(cfg.model, "model")
     if not isinstance(model, L.LightningModule):
-        raise ConfigError(f"model._target_={cfg.model._target_!r} is a {type(model).__name__}, not a LightningModule")
+        raise ConfigError("model._target_", cfg.model._target_, f"a {type(model).__name__}, not a LightningModule")
     if not is_overridden("training_step", model, L.LightningModule):
-        raise ConfigError(f"model._target_={cfg.model._target_!r} has no training_step: `lowvram fit` cannot train it")
+        raise ConfigError("model._target_", cfg.model._target_, "has no training_step: `lowvram fit` cannot train it")
     data = _instantiate(cfg.data, "data")
+    if cfg.command == "fit" and isinstance(data, L.LightningDataModule):
+        _check_batch(cfg, model, data)
+    _check_strategy_keys(cfg)
     callbacks = {name: _instantiate(node, name) for name, node in _callback_nodes(cfg)}
     trainer_kwargs: dict[str, Any] = {}
     chosen = None
     auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
     if cfg.command == "plan" or auto:
-        margin, allow_int8 = float(cfg.strategy.get("margin", 0.1)), bool(cfg.strategy.get("allow_int8_base", False))
-        chosen = _plan(model, data, profile, margin, allow_int8)
+        margin, allow_int8 = cfg.strategy.get("margin", 0.1), cfg.strategy.get("allow_int8_base", False)
+        chosen = _plan(cfg, model, data, profile, margin, allow_int8)
         if cfg.command == "fit":
             if chosen.chosen is None:
-                raise ConfigError(f"strategy=auto: nothing fits {profile.name}\n{chosen.table()}")
+                raise NothingFits(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
             callbacks.update({f"strategy.{type(c).__name__}": c for c in plan_callbacks(chosen)})
             trainer_kwargs.update(chosen.trainer_kwargs())
-    trainer_kwargs["callbacks"] = list(callbacks.values())
-    if cfg.trainer.get("default_root_dir") is None:
-        trainer_kwargs["default_root_dir"] = _run_dir()
+    root = cfg.trainer.get("default_root_dir") or _run_dir()
+    trainer_kwargs["default_root_dir"] = root
+    extra = []
+    if cfg.command == "fit" and cfg.trainer.get("enable_checkpointing", True):
+        from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+        # Ctrl-C (or any error) mid-run leaves a checkpoint to resume from (`ckpt_path=...`)
+        extra.append(OnExceptionCheckpoint(os.path.join(root, "checkpoints"), filename="interrupted"))
+    trainer_kwargs["callbacks"] = [*callbacks.values(), *extra]
     trainer = _instantiate(cfg.trainer, "trainer", **trainer_kwargs)
+    if trainer.accumulate_grad_batches < 1:
+        raise ConfigError("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, "must be an integer >= 1")
     return {
         "profile": profile,
         "model": model,
@@ -105,20 +187,102 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _plan(model: L.LightningModule, data: Any, profile: GPUProfile, margin: float, allow_int8_base: bool) -> Any:
+def _plan(
+    cfg: DictConfig, model: L.LightningModule, data: Any, profile: GPUProfile, margin: Any, allow_int8_base: Any
+) -> Any:
     from lightning_lowvram.planner import plan
 
     if profile.usable_bytes is None:
-        raise ConfigError(f"gpu={profile.name!r} has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
+        raise ConfigError("gpu", cfg.gpu.name, "has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
     if not isinstance(data, L.LightningDataModule):
-        raise ConfigError("planning needs data._target_ to be a LightningDataModule (its first training batch)")
+        raise ConfigError("data._target_", cfg.data._target_, "planning needs a LightningDataModule (its first batch)")
+    try:
+        return plan(model, _first_batch(data), profile, margin=margin, allow_int8_base=allow_int8_base)
+    except ValueError as err:
+        raise _blame(cfg.strategy, "strategy", str(err).splitlines()[0]) from err
+
+
+def _first_batch(data: L.LightningDataModule) -> Any:
     data.prepare_data()
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    return next(iter(data.train_dataloader()))
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    """The app's own keys: one line naming the key and value for a wrong type."""
+    if cfg.command not in COMMANDS:
+        raise ConfigError("command", cfg.command, f"unknown; allowed: {', '.join(COMMANDS)}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError("seed", cfg.seed, "must be an integer")
+    for key in ("emulate_gpu", "test_after_fit"):
+        if not isinstance(cfg.get(key), bool):
+            raise ConfigError(key, cfg.get(key), "must be true or false")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and ckpt != "last" and not os.path.isfile(str(ckpt)):
+        raise ConfigError("ckpt_path", ckpt, "no such checkpoint file (give a .ckpt file, or `last`)")
+    if ckpt == "last" and _last_checkpoint() is None:
+        raise ConfigError("ckpt_path", ckpt, f"no checkpoint (*.ckpt) of an earlier run under {_runs_root()}")
+
+
+def _runs_root() -> Path:
+    """Where earlier runs are: Hydra's ``outputs/`` (run directories are ``outputs/<date>/<time>``), else the cwd."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir).parents[1]
+    return Path.cwd()
+
+
+def _last_checkpoint() -> Path | None:
+    """The newest checkpoint of an earlier run (``ckpt_path=last``)."""
+    found = [p for p in _runs_root().glob("**/*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _ckpt_path(cfg: DictConfig) -> str | None:
+    ckpt = cfg.get("ckpt_path")
+    return str(_last_checkpoint()) if ckpt == "last" else ckpt
+
+
+def _check_strategy_keys(cfg: DictConfig) -> None:
+    auto = cfg.strategy.get("name") == "auto"
+    for key, value in cfg.strategy.items():
+        if isinstance(value, DictConfig) and "_target_" in value:
+            continue
+        allowed = ["name", "margin", "allow_int8_base"] if auto else ["name"]
+        if key not in allowed:
+            takes = ", ".join([*allowed, *(k for k, v in cfg.strategy.items() if isinstance(v, DictConfig))])
+            reason = f"unknown key for strategy={cfg.strategy.name}; it takes {takes}"
+            raise ConfigError(f"strategy.{key}", value, reason)
+    if auto:
+        margin, allow = cfg.strategy.get("margin", 0.1), cfg.strategy.get("allow_int8_base", False)
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+            raise ConfigError("strategy.margin", margin, "must be a number in [0, 1) (a fraction of the card)")
+        if not isinstance(allow, bool):
+            raise ConfigError("strategy.allow_int8_base", allow, "must be true or false")
+
+
+def _check_batch(cfg: DictConfig, model: L.LightningModule, data: L.LightningDataModule) -> None:
+    """The model's training_step on the data's first batch, on fake tensors: a mismatch is named before training."""
+    from lightning_lowvram.planner.estimate import check_batch
+
     try:
-        return plan(model, batch, profile, margin=margin, allow_int8_base=allow_int8_base)
+        check_batch(model, _first_batch(data))
     except ValueError as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
+        why = str(err).split(": ", 1)[-1]
+        reason = f"its training_step does not take data={_choice(cfg, 'data')}'s batches: {why}"
+        raise ConfigError("model", _choice(cfg, "model"), reason) from err
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """The option chosen for a config group (``model=tiny_gpt``), or its target when composed otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    return str(cfg[group].get("_target_"))
 
 
 def _run_dir() -> str:
@@ -142,6 +306,7 @@ def _gpu_memory(profile: GPUProfile, trainer: L.Trainer, emulate: bool) -> Itera
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.command`` (``fit`` or ``plan``) and return the summary as a dict (also printed)."""
+    _check_top_level(cfg)
     L.seed_everything(cfg.seed, workers=True)
     parts = build(cfg)
     if cfg.command == "plan":
@@ -151,15 +316,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # datasets live in host memory: build them before an emulated device budget starts counting
         data.prepare_data()
         data.setup("fit")
+    oom = None
     with _gpu_memory(parts["profile"], trainer, cfg.emulate_gpu) as gpu_line:
-        trainer.fit(model, datamodule=data)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        if cfg.test_after_fit and _can_test(model, data):
-            trainer.test(model, datamodule=data)
-            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=_ckpt_path(cfg))
+        except torch.OutOfMemoryError as err:
+            if "budget" not in gpu_line:
+                raise
+            oom = err
+        if oom is None:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            if cfg.test_after_fit and _can_test(model, data) and not trainer.interrupted:
+                trainer.test(model, datamodule=data)
+                metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    if oom is not None:  # advice from the planner, outside the budget
+        raise NothingFits(_advice(parts, oom)) from oom
     summary = _summary(cfg, parts, gpu_line, metrics)
     print(format_summary(summary))
+    if trainer.interrupted:
+        print(_resume_line(trainer))
     return summary
+
+
+def _resume_line(trainer: L.Trainer) -> str:
+    """Where an interrupted run's checkpoint is and the command that resumes it."""
+    saved = [p for p in Path(trainer.default_root_dir).glob("**/*.ckpt") if p.is_file()]
+    if not saved:
+        return "interrupted before any checkpoint was written: nothing to resume from"
+    newest = max(saved, key=lambda p: p.stat().st_mtime)
+    command = " ".join(["lowvram", "fit", *(o for o in _user_overrides() if not o.startswith("ckpt_path="))])
+    return f"interrupted: last checkpoint {newest}\n  resume: {command} ckpt_path={newest}"
+
+
+def _advice(parts: dict[str, Any], err: BaseException) -> str:
+    """One paragraph for a fit that ran out of the budget: the budget, what did not fit, what to try next."""
+    profile: GPUProfile = parts["profile"]
+    lines = [
+        f"out of memory on {profile.name} (budget {format_bytes(profile.usable_bytes)} for tensors): "
+        + str(err).splitlines()[0].split(". Next:")[0]
+    ]
+    data = parts["data"]
+    if isinstance(data, L.LightningDataModule):
+        try:
+            from lightning_lowvram.planner import plan
+
+            chosen = plan(copy.deepcopy(parts["model"]), _first_batch(data), profile)
+        except Exception:  # the advice is best effort: the OOM is the error  # noqa: BLE001
+            chosen = None
+        if chosen is not None and chosen.chosen is None:
+            lines.append(f"The planner agrees: {chosen.nothing_fits()}.")
+        elif chosen is not None:
+            lines.append(f"The planner predicts that {chosen.chosen.label} fits: run `lowvram fit strategy=auto ...`.")
+    lines.append("Try next: a larger card or more free memory (gpu.free_gib), a smaller batch (data.batch_size), "
+                 "or strategy=auto to let the planner choose.")  # fmt: skip
+    return " ".join(lines)
 
 
 def _print_plan(chosen: Any) -> dict[str, Any]:
@@ -233,6 +443,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"lowvram: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NothingFits as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"lowvram: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _check_gpu_choice(overrides: list[str]) -> str | None:
@@ -245,7 +460,26 @@ def _check_gpu_choice(overrides: list[str]) -> str | None:
         if override.startswith("gpu="):
             name = override.split("=", 1)[1]
             if name not in known_gpus():
-                return f"gpu={name!r} is not a known GPU profile; known: {', '.join(known_gpus())}"
+                return f"gpu={name}: not a known GPU profile; known: {', '.join(known_gpus())}"
+    return None
+
+
+def _composition_error(overrides: list[str]) -> str | None:
+    """Compose once before Hydra's app does, so an override Hydra rejects is one line naming it (Hydra exits 1)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    if any(o.startswith("-") for o in overrides) or any(o.lstrip("+~").startswith("hydra") for o in overrides):
+        return None  # Hydra's own flags and settings: let Hydra handle them
+    try:
+        with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
+            compose("lowvram", overrides=overrides)
+    except HydraException as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        text = "; ".join(lines) or type(err).__name__
+        culprit = next((o for o in overrides if (k := o.lstrip("+~").split("=", 1)[0]) and f"'{k}'" in text), None)
+        culprit = culprit or next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] in text), None)
+        return f"{culprit}: {text}" if culprit else text
     return None
 
 
@@ -261,6 +495,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         overrides = [*args[1:], f"command={args[0]}"]  # last, so Hydra flags (`--cfg job`) may come first
     error = _check_gpu_choice(overrides)
+    if error:
+        print(f"lowvram: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    error = _composition_error(overrides)
     if error:
         print(f"lowvram: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
 
 from lightning_lowvram import known_gpus
-from lightning_lowvram.cli import ConfigError, build, run
+from lightning_lowvram.cli import ConfigError, NothingFits, build, run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAST = [
@@ -62,8 +62,9 @@ def test_a_users_own_module_and_data(tmp_path):
 
 def test_a_card_too_small_for_the_step_raises_the_real_oom(tmp_path):
     cfg = _cfg("gpu=rtx3060_12gb", "gpu.memory_gib=0.0001", "gpu.context_mib=0", f"trainer.default_root_dir={tmp_path}")
-    with pytest.raises(torch.OutOfMemoryError, match="Budget of rtx3060_12gb"):
+    with pytest.raises(NothingFits, match="out of memory on rtx3060_12gb") as info:
         run(cfg)
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)  # the budget's real OOM, then the advice
 
 
 def test_overrides_reach_the_trainer_and_model(tmp_path):
@@ -83,21 +84,18 @@ def test_overrides_reach_the_trainer_and_model(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["gpu=rtx3060_12gb", "gpu.memory_gib=-1"], "gpu.memory_gib must be > 0"),
-        (["model._target_=no_such_pkg.Model"], "model._target_='no_such_pkg.Model' could not be instantiated"),
-        (["data._target_=no_such_pkg.Data"], "data._target_='no_such_pkg.Data' could not be instantiated"),
+        (["gpu=rtx3060_12gb", "gpu.memory_gib=-1"], r"gpu.memory_gib=-1: must be > 0"),
+        (["model._target_=no_such_pkg.Model"], "model._target_=no_such_pkg.Model: ImportError"),
+        (["data._target_=no_such_pkg.Data"], "data._target_=no_such_pkg.Data: ImportError"),
         (
             ["model._target_=tests.helpers.NoTrainingStep"],
-            "model._target_='tests.helpers.NoTrainingStep' has no training_step",
+            "model._target_=tests.helpers.NoTrainingStep: has no training",
         ),
-        (
-            ["model._target_=tests.helpers.NotAModule"],
-            "not a LightningModule",
-        ),
-        (["command=train"], "command='train' is unknown; allowed: fit"),
+        (["model._target_=tests.helpers.NotAModule"], "not a LightningModule"),
+        (["command=train"], "command=train: unknown; allowed: fit"),
         # a constructor's reason is in the line, not only Hydra's "Error in call to target"
-        (["strategy=prune", "strategy.pruning.amount=2"], r"ValueError: amount must be a number in \[0, 1\), got 2"),
-        (["strategy=micro_batch", "strategy.micro_batch.count_fn=tokens"], "count_fn must be a callable or one of"),
+        (["strategy=prune", "strategy.pruning.amount=2"], r"strategy.pruning.amount=2: must be a number in \[0, 1\)"),
+        (["strategy=micro_batch", "strategy.micro_batch.count_fn=tokens"], "count_fn=tokens: must be a callable or"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key_before_training(overrides, message):
@@ -153,11 +151,11 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == f"lowvram: error: gpu='rtx9999' is not a known GPU profile; known: {', '.join(known_gpus())}"
+        == f"lowvram: error: gpu=rtx9999: not a known GPU profile; known: {', '.join(known_gpus())}"
     )
     proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "fit", "model._target_=nope.Nope", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("lowvram: error: model._target_='nope.Nope'")
+    assert proc.stderr.strip().splitlines()[-1].startswith("lowvram: error: model._target_=nope.Nope: ")
 
 
 def test_micro_batching_settles_on_a_smaller_size_on_a_shared_small_card(tmp_path, capsys):
@@ -235,3 +233,86 @@ def test_the_plans_hydra_overrides_compose_into_the_same_callbacks(tmp_path):
     # (a plan for a GTX 1660 picks fp16; on a machine without CUDA, Lightning runs 16-mixed as bf16-mixed)
     on_cpu = {"16-mixed": "bf16-mixed"} if not torch.cuda.is_available() else {}
     assert parts["trainer"].precision == on_cpu.get(chosen.precision, chosen.precision)
+
+
+# Every rejected value: (overrides, the key=value the error line must start with). Exit 2, one line, no traceback.
+BAD_OVERRIDES = [
+    ("strategy=prune strategy.pruning.amount=2", "strategy.pruning.amount=2"),
+    ("strategy=prune strategy.pruning.method=sideways", "strategy.pruning.method=sideways"),
+    ("strategy=prune strategy.pruning.criterion=loud", "strategy.pruning.criterion=loud"),
+    ("strategy=prune strategy.pruning.schedule=sometimes", "strategy.pruning.schedule=sometimes"),
+    ("strategy=prune strategy.pruning.scope=planet", "strategy.pruning.scope=planet"),
+    ("strategy=prune strategy.pruning.start_step=-1", "strategy.pruning.start_step=-1"),
+    ("strategy=prune strategy.pruning.frequency=0", "strategy.pruning.frequency=0"),
+    ("strategy=micro_batch strategy.micro_batch.min_micro_batch_size=0", "strategy.micro_batch.min_micro_batch_size=0"),
+    ("strategy=micro_batch strategy.micro_batch.micro_batch_size=big", "strategy.micro_batch.micro_batch_size=big"),
+    ("strategy=micro_batch strategy.micro_batch.count_fn=tokens", "strategy.micro_batch.count_fn=tokens"),
+    ("strategy=quant strategy.quant.backend=nope", "strategy.quant.backend=nope"),
+    ("strategy=quant strategy.quant.stages=[train]", "strategy.quant.stages=[train]"),
+    ("strategy=quant strategy.quant.save_path=/dev/null/x.pt", "strategy.quant.save_path=/dev/null/x.pt"),
+    ("strategy=quant strategy.quant.freeze_base=yes", "strategy.quant.freeze_base=yes"),
+    ("strategy=auto strategy.margin=2", "strategy.margin=2"),
+    ("strategy=auto strategy.allow_int8_base=sure", "strategy.allow_int8_base=sure"),
+    ("strategy=none +strategy.foo=1", "strategy.foo=1"),
+    ("+data.batch_size=0", "data.batch_size=0"),
+    ("+data.num_workers=2", "data.num_workers=2"),
+    ("+data.val_fraction=1.5", "data.val_fraction=1.5"),
+    ("+model.hidden=0", "model.hidden=0"),
+    ("+model.depth=0", "model.depth=0"),
+    ("+model.lr=abc", "model.lr=abc"),
+    ("model=tiny_gpt", "model=tiny_gpt"),
+    ("data=tiny_text", "model=digits_mlp"),
+    ("model._target_=nope.Nope", "model._target_=nope.Nope"),
+    ("trainer.max_epochs=-5", "trainer.max_epochs=-5"),
+    ("trainer.precision=17-mixed", "trainer.precision=17-mixed"),
+    ("trainer.limit_train_batches=-1", "trainer.limit_train_batches=-1"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0"),
+    ("+trainer.nonsense=1", "trainer.nonsense=1"),
+    ("gpu.memory_gib=abc", "gpu.memory_gib=abc"),
+    ("gpu=rtx3060_12gb gpu.memory_gib=abc", "gpu.memory_gib=abc"),
+    ("gpu=rtx3060_12gb gpu.memory_gib=-1", "gpu.memory_gib=-1"),
+    ("gpu=rtx3060_12gb gpu.context_mib=-5", "gpu.context_mib=-5"),
+    ("gpu=rtx3060_12gb gpu.free_gib=-1", "gpu.free_gib=-1"),
+    ("gpu.free_gib=0.5", "gpu.free_gib=0.5"),  # gpu=auto on a machine without CUDA: the budget would be ignored
+    ("emulate_gpu=maybe", "emulate_gpu=maybe"),
+    ("test_after_fit=perhaps", "test_after_fit=perhaps"),
+    ("seed=abc", "seed=abc"),
+    ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt"),
+    ("ckpt_path=last", "ckpt_path=last"),
+    ("gpu=rtx9999", "gpu=rtx9999: not a known GPU profile"),
+]
+
+
+def _main(args, cwd, monkeypatch, capsys):
+    """``lowvram <args>`` in this process: (exit status, stdout, stderr)."""
+    from lightning_lowvram.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gpu.free_gib with gpu=auto is honoured where CUDA exists")
+@pytest.mark.parametrize(("overrides", "culprit"), BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_every_rejected_value_is_one_line_naming_key_and_value(overrides, culprit, tmp_path, monkeypatch, capsys):
+    code, out, err = _main(["fit", *FAST, *overrides.split()], tmp_path, monkeypatch, capsys)
+    assert code == 2, (out[-2000:], err[-2000:])
+    assert "Traceback" not in err and "Traceback" not in out
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"lowvram: error: {culprit}"), line
+    assert not list(tmp_path.glob("**/*.ckpt"))  # before any training step
+
+
+def test_nothing_fits_is_one_paragraph_of_advice(tmp_path, monkeypatch, capsys):
+    code, out, err = _main(["fit", *FAST, "gpu=rtx3060_12gb", "gpu.free_gib=0.00001"], tmp_path, monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err + out
+    (paragraph,) = [line for line in err.splitlines() if line.startswith("lowvram:")]
+    assert "out of memory on rtx3060_12gb (budget 10.49 KiB for tensors)" in paragraph
+    assert "The planner agrees: nothing fits: the smallest predicted tensor peak is" in paragraph
+    assert "Try next:" in paragraph

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
+from lightning_lowvram._files import check_writable
 from lightning_lowvram.batching import batch_size_of
 from lightning_lowvram.callbacks._metrics import snapshot_metrics
 from lightning_lowvram.callbacks._patching import patch_method
@@ -101,6 +102,11 @@ class DynamicQuantCallback(Callback):
             raise ValueError(
                 f"backend must be 'auto', 'measure' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}"
             )
+        if save_path is not None:
+            check_writable(save_path, "save_path")  # before training, not after the results exist
+        for name, flag in (("compare", compare), ("freeze_base", freeze_base), ("print_table", print_table)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.stages, self.compare, self.backend = stages, compare, backend
         self.save_path, self.freeze_base, self.print_table = save_path, freeze_base, print_table
         self.comparison: dict[str, dict[str, dict[str, float]]] = {}  # stage -> row -> {"float", "int8"}

@@ -57,6 +57,8 @@ class MemoryReportCallback(Callback):
         unknown = [s for s in stages if s not in _STAGES]
         if unknown:
             raise ValueError(f"MemoryReportCallback(stages=...): unknown {unknown}; allowed: {list(_STAGES)}")
+        if not isinstance(print_table, bool):
+            raise ValueError(f"print_table must be True or False, got {print_table!r}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"MemoryReportCallback(steps=...) must be an integer >= 1 or None, got {steps!r}")
         self.stages = tuple(stages)

@@ -9,6 +9,8 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lowvram.demo._args import fraction, positive_int, positive_number
+
 
 class DigitsDataModule(L.LightningDataModule):
     """``sklearn.datasets.load_digits`` (1,797 images, 64 features, 10 classes), split train/val/test.
@@ -38,8 +40,10 @@ class DigitsDataModule(L.LightningDataModule):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        positive_int(batch_size=batch_size)
+        fraction(val_fraction=val_fraction, test_fraction=test_fraction)
+        if dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of float32, float64, bfloat16, float16, got {dtype!r}")
         self.batch_size = batch_size
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.dtype = getattr(torch, dtype)
@@ -88,6 +92,10 @@ class DigitsMLP(L.LightningModule):
 
     def __init__(self, hidden: int = 128, depth: int = 2, lr: float = 1e-2, weight_decay: float = 0.0) -> None:
         super().__init__()
+        positive_int(hidden=hidden, depth=depth)
+        positive_number(lr=lr)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
         self.save_hyperparameters()
         layers: list[nn.Module] = []
         width = 64

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_lowvram.demo._args import fraction, positive_int, positive_number
+
 
 class ByteWindows(Dataset):
     """Non-overlapping windows of ``seq_len + 1`` bytes: ``(input, next-byte target)``."""
@@ -47,8 +49,8 @@ class TinyTextDataModule(L.LightningDataModule):
 
     def __init__(self, path: str | None = None, seq_len: int = 64, batch_size: int = 16, val_fraction: float = 0.1):
         super().__init__()
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"data.seq_len and data.batch_size must be >= 1, got {seq_len}, {batch_size}")
+        positive_int(seq_len=seq_len, batch_size=batch_size)
+        fraction(val_fraction=val_fraction)
         self.path, self.seq_len, self.batch_size, self.val_fraction = path, seq_len, batch_size, val_fraction
         self.splits: dict[str, ByteWindows] = {}
 
@@ -139,8 +141,9 @@ class TinyGPT(L.LightningModule):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        positive_int(seq_len=seq_len, d_model=d_model, n_head=n_head, n_layer=n_layer)
+        positive_number(lr=lr)
+        fraction(dropout=dropout)
         self.save_hyperparameters()
         self.tok = nn.Embedding(self.vocab_size, d_model)
         self.pos = nn.Embedding(seq_len, d_model)

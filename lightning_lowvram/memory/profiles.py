@@ -7,6 +7,7 @@ The profiles live as YAML in the shipped Hydra tree (``lightning_lowvram.conf``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
@@ -63,6 +64,14 @@ class GPUProfile:
     bandwidth_gbs: float | None = None
 
     def __post_init__(self) -> None:
+        for key in ("memory_gib", "free_gib", "context_mib"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"gpu.{key} must be a number, got {value!r}")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"gpu.{key} must be finite, got {value!r}")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"gpu.bf16 must be true or false, got {self.bf16!r}")
         if self.memory_gib is not None and self.memory_gib <= 0:
             raise ValueError(f"gpu.memory_gib must be > 0 (or null for no limit), got {self.memory_gib!r}")
         if self.free_gib is not None and self.free_gib <= 0:
@@ -98,7 +107,20 @@ class GPUProfile:
         """Build a profile from a config node (``cfg.gpu``); ``name: auto`` detects the local device."""
         data = dict(node)
         if data.get("name") == "auto":
-            return gpu_profile("auto")
+            detected = gpu_profile("auto")
+            free = data.get("free_gib")
+            if free is None:
+                return detected
+            if detected.memory_gib is None:
+                raise ValueError(
+                    f"gpu.free_gib is ignored here, got {free!r}: gpu=auto found no CUDA device, so training runs on "
+                    "the CPU without a limit; name a card to emulate it (e.g. gpu=rtx3060_12gb gpu.free_gib=...)"
+                )
+            if isinstance(free, bool) or not isinstance(free, int | float):
+                raise ValueError(f"gpu.free_gib must be a number, got {free!r}")
+            return dataclasses.replace(
+                detected, free_gib=free if detected.free_gib is None else min(free, detected.free_gib)
+            )
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(

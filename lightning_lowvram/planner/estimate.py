@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -191,6 +192,39 @@ def with_8bit_optimizer(estimate: MemoryEstimate, module: nn.Module, optimizer: 
     return dataclasses.replace(estimate, peak=estimate.peak + eight - fp32, by_category=by_category)
 
 
+def check_batch(module: nn.Module, batch: Any) -> None:
+    """Run ``module.training_step`` once on fake tensors (nothing allocated, weights untouched) to see the batch fits.
+
+    Catches a model paired with the wrong data before any training step. Steps fake tensors cannot run are not checked.
+
+    Raises:
+        ValueError: The batch does not fit ``training_step`` (its error's first line), or no loss tensor came back.
+
+    Example:
+        >>> from lightning_lowvram.demo import DigitsMLP
+        >>> check_batch(DigitsMLP(), (torch.zeros(4, 64), torch.zeros(4, dtype=torch.long)))
+        >>> check_batch(DigitsMLP(), (torch.zeros(4, 10), torch.zeros(4, dtype=torch.long)))
+        Traceback (most recent call last):
+        ...
+        ValueError: the example batch does not fit DigitsMLP.training_step: a and b must have same reduction dim, ...
+
+    """
+    mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False)
+    with torch._subclasses.fake_tensor.FakeCopyMode(mode):
+        copied = copy.deepcopy(module)
+    copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
+    log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a failing meta kernel's traceback
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with mode, torch.no_grad():
+            _loss(copied, tree_map_only(torch.Tensor, mode.from_tensor, batch))
+    except _UNTRACEABLE:
+        return
+    finally:
+        log.setLevel(level)
+
+
 _UNTRACEABLE = (
     torch._subclasses.fake_tensor.DynamicOutputShapeException,
     torch._subclasses.fake_tensor.DataDependentOutputException,
@@ -293,7 +327,7 @@ def _loss(module: nn.Module, batch: Any) -> torch.Tensor:
         output = module.training_step(batch, 0)
     except _UNTRACEABLE:
         raise
-    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as err:
         raise ValueError(
             f"the example batch does not fit {type(module).__name__}.training_step: {str(err).splitlines()[0]}"
         ) from err

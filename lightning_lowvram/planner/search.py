@@ -85,14 +85,18 @@ class Plan:
         if self.skipped:
             lines.append(f"  not traced, cannot be faster than one that fits: {'; '.join(self.skipped)}")
         if self.chosen is None:
-            smallest = min(self.candidates, key=tensor_peak)
-            need = format_bytes(int(tensor_peak(smallest) / (self.budget / self.gpu.usable_bytes)))
-            lines.append(
-                f"  nothing fits: the smallest predicted tensor peak is {format_bytes(tensor_peak(smallest))} "
-                f"({smallest.label}) against {format_bytes(self.budget)}; it needs a card with {need} for tensors, "
-                "or fewer parameters (PruningCallback) or an int8 frozen base (DynamicQuantCallback(freeze_base=True))"
-            )
+            lines.append(f"  {self.nothing_fits()}")
         return "\n".join(lines)
+
+    def nothing_fits(self) -> str:
+        """Why nothing fits and what to try next: the smallest peak tried, the budget, the card it needs."""
+        smallest = min(self.candidates, key=tensor_peak)
+        need = format_bytes(int(tensor_peak(smallest) / (self.budget / self.gpu.usable_bytes)))
+        return (
+            f"nothing fits: the smallest predicted tensor peak is {format_bytes(tensor_peak(smallest))} "
+            f"({smallest.label}) against {format_bytes(self.budget)}; it needs a card with {need} for tensors, "
+            "or fewer parameters (PruningCallback) or an int8 frozen base (DynamicQuantCallback(freeze_base=True))"
+        )
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Trainer arguments of the chosen setting."""
