@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
+import signal
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -169,8 +171,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     trainer_kwargs["default_root_dir"] = root
     extra = []
     if cfg.command == "fit" and cfg.trainer.get("enable_checkpointing", True):
-        from lightning.pytorch.callbacks import OnExceptionCheckpoint
+        from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 
+        if not any(isinstance(c, Checkpoint) for c in callbacks.values()):
+            extra.append(ModelCheckpoint())  # Lightning's default, which any Checkpoint callback would replace
         # Ctrl-C (or any error) mid-run leaves a checkpoint to resume from (`ckpt_path=...`)
         extra.append(OnExceptionCheckpoint(os.path.join(root, "checkpoints"), filename="interrupted"))
     trainer_kwargs["callbacks"] = [*callbacks.values(), *extra]
@@ -324,6 +328,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if "budget" not in gpu_line:
                 raise
             oom = err
+        except SystemExit:  # Lightning's answer to Ctrl-C: a graceful shutdown, then exit(1)
+            if trainer.interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+                print(format_summary(_summary(cfg, parts, gpu_line, metrics)))
+                print(_resume_line(trainer))
+            raise
         if oom is None:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
             if cfg.test_after_fit and _can_test(model, data) and not trainer.interrupted:
@@ -333,8 +344,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise NothingFits(_advice(parts, oom)) from oom
     summary = _summary(cfg, parts, gpu_line, metrics)
     print(format_summary(summary))
-    if trainer.interrupted:
-        print(_resume_line(trainer))
     return summary
 
 
@@ -344,8 +353,11 @@ def _resume_line(trainer: L.Trainer) -> str:
     if not saved:
         return "interrupted before any checkpoint was written: nothing to resume from"
     newest = max(saved, key=lambda p: p.stat().st_mtime)
-    command = " ".join(["lowvram", "fit", *(o for o in _user_overrides() if not o.startswith("ckpt_path="))])
-    return f"interrupted: last checkpoint {newest}\n  resume: {command} ckpt_path={newest}"
+    kept = [o for o in _user_overrides() if not o.startswith("ckpt_path=")]
+    command = shlex.join(
+        ["lowvram", "fit", *kept, f"ckpt_path='{newest}'" if "=" in str(newest) else f"ckpt_path={newest}"]
+    )
+    return f"interrupted: last checkpoint {newest}\n  resume: {command}"
 
 
 def _advice(parts: dict[str, Any], err: BaseException) -> str:
@@ -475,8 +487,18 @@ def _composition_error(overrides: list[str]) -> str | None:
         with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
             compose("lowvram", overrides=overrides)
     except HydraException as err:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        text = "; ".join(lines) or type(err).__name__
+        text = "; ".join(line for line in lines if not line.startswith("See https://")) or type(err).__name__
+        unparsable = []
+        for override in overrides:
+            try:
+                OverridesParser.create().parse_overrides([override])
+            except HydraException:
+                unparsable.append(override)
+        if unparsable:
+            return f"{unparsable[0]}: not a valid override ({text}); quote a value with '=' or spaces: key='value'"
         culprit = next((o for o in overrides if (k := o.lstrip("+~").split("=", 1)[0]) and f"'{k}'" in text), None)
         culprit = culprit or next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] in text), None)
         return f"{culprit}: {text}" if culprit else text

@@ -60,3 +60,14 @@ class UserData(L.LightningDataModule):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64, 8, generator=g)
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), self.batch_size)
+
+
+class InterruptAfter(L.Callback):
+    """Press Ctrl-C (raise ``KeyboardInterrupt``) when the optimizer step ``steps`` is done."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.steps:
+            raise KeyboardInterrupt

@@ -1,4 +1,5 @@
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -150,8 +151,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
     proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "fit", "gpu=rtx9999", cwd=tmp_path)
     assert proc.returncode == 2
     assert (
-        proc.stderr.strip()
-        == f"lowvram: error: gpu=rtx9999: not a known GPU profile; known: {', '.join(known_gpus())}"
+        proc.stderr.strip() == f"lowvram: error: gpu=rtx9999: not a known GPU profile; known: {', '.join(known_gpus())}"
     )
     proc = _lowvram(sys.executable, "-m", "lightning_lowvram", "fit", "model._target_=nope.Nope", cwd=tmp_path)
     assert proc.returncode == 2
@@ -287,6 +287,7 @@ def _main(args, cwd, monkeypatch, capsys):
     """``lowvram <args>`` in this process: (exit status, stdout, stderr)."""
     from lightning_lowvram.cli import main
 
+    Path(cwd).mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
     try:
@@ -316,3 +317,46 @@ def test_nothing_fits_is_one_paragraph_of_advice(tmp_path, monkeypatch, capsys):
     assert "out of memory on rtx3060_12gb (budget 10.49 KiB for tensors)" in paragraph
     assert "The planner agrees: nothing fits: the smallest predicted tensor peak is" in paragraph
     assert "Try next:" in paragraph
+
+
+def _checkpoint(root, pattern):
+    (path,) = Path(root).glob(f"**/{pattern}")
+    return path
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [["strategy=micro_batch", "strategy.micro_batch.micro_batch_size=16"], ["strategy=prune"]],
+    ids=["micro_batch", "prune"],
+)
+def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights_and_ctrl_c_says_how_to_resume(
+    strategy, tmp_path, monkeypatch, capsys
+):
+    run = ["fit", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+           "trainer.logger=false", "test_after_fit=false", *strategy]  # fmt: skip
+    every_epoch = [
+        "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.ckpt.save_top_k=-1",
+    ]
+    code, out, err = _main([*run, *every_epoch], tmp_path / "whole", monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    first_epoch = _checkpoint(tmp_path / "whole", "epoch=0-*.ckpt")
+    code, out, err = _main([*run, f"ckpt_path='{first_epoch}'"], tmp_path / "resumed", monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    whole = torch.load(_checkpoint(tmp_path / "whole", "epoch=1-*.ckpt"), weights_only=False)["state_dict"]
+    resumed = torch.load(_checkpoint(tmp_path / "resumed", "epoch=1-*.ckpt"), weights_only=False)["state_dict"]
+    assert {k: v.shape for k, v in resumed.items()} == {k: v.shape for k, v in whole.items()}
+    for name, value in whole.items():
+        assert torch.allclose(resumed[name].float(), value.float(), atol=1e-6), name
+
+    stop = ["+callbacks.stop._target_=tests.helpers.InterruptAfter", "+callbacks.stop.steps=5"]  # mid-epoch 2
+    code, out, err = _main([*run, *stop], tmp_path / "cut", monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "lowvram summary" in out
+    where, command = out.strip().splitlines()[-2:]
+    checkpoint = where.removeprefix("interrupted: last checkpoint ")
+    assert checkpoint.endswith("interrupted.ckpt") and Path(checkpoint).is_file()
+    assert command.strip().startswith("resume: lowvram fit ") and command.endswith(f"ckpt_path={checkpoint}")
+    code, out, err = _main(shlex.split(command)[3:], tmp_path / "again", monkeypatch, capsys)  # the printed command
+    assert code == 0, err[-2000:]
+    assert torch.load(_checkpoint(tmp_path / "again", "epoch=1-*.ckpt"), weights_only=False)["global_step"] == 8

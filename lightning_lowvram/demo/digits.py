@@ -9,7 +9,7 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lowvram.demo._args import fraction, positive_int, positive_number
+from lightning_lowvram.demo._args import EpochShuffle, fraction, positive_int, positive_number
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -63,7 +63,8 @@ class DigitsDataModule(L.LightningDataModule):
         self.splits = {name: TensorDataset(x[idx], y[idx]) for name, idx in parts.items()}
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True)
+        train = self.splits["train"]
+        return DataLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train), self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=self.batch_size)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_lowvram.demo._args import fraction, positive_int, positive_number
+from lightning_lowvram.demo._args import EpochShuffle, fraction, positive_int, positive_number
 
 
 class ByteWindows(Dataset):
@@ -68,7 +68,8 @@ class TinyTextDataModule(L.LightningDataModule):
             raise ValueError(f"data.seq_len={self.seq_len} is too long for a text of {len(data)} bytes")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True)
+        train = self.splits["train"]
+        return DataLoader(train, batch_size=self.batch_size, sampler=EpochShuffle(len(train)))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=self.batch_size)
