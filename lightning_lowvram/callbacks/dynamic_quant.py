@@ -189,6 +189,13 @@ class DynamicQuantCallback(Callback):
         if self._stash:
             return
         names = self._layers(pl_module, choose_backend(pl_module.device, backend))
+        if not names:
+            rank_zero_warn(
+                f"DynamicQuantCallback: no layer converted to int8 in {type(pl_module).__name__} "
+                f"({len(self.kept_float)} kept in float, {len(self.frozen)} frozen; it quantizes nn.Linear and "
+                "Conv1D layers): the stage runs in float"
+            )
+            return
         box = nn.ModuleList(as_linear(copy.deepcopy(pl_module.get_submodule(n))) for n in names).eval()
         quantize_dynamic_int8(box, backend, device=pl_module.device, inplace=True)
         for name, int8 in zip(names, box, strict=True):

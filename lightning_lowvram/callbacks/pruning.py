@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -136,6 +136,7 @@ class PruningCallback(Callback):
         self.masks: dict[str, torch.Tensor] = {}
         self.events: list[int] = []
         self._example: tuple[Any, Forward | None] | None = None  # (inputs, how to run them), not saved
+        self.last_metrics: dict[str, float] | None = None  # after the latest pruning step, for the summary
         self.original_parameters = 0
         self.original_channels: dict[str, int] = {}
         self._layers: dict[str, nn.Module] = {}
@@ -228,7 +229,9 @@ class PruningCallback(Callback):
 
     def summary(self) -> str:
         """One line for the `lowvram` summary."""
-        return f"{self.method} {self.criterion}, {self.fraction:.2f} pruned, {len(self.events)} pruning steps"
+        stats = self.last_metrics
+        done = f", sparsity {stats['sparsity']:.3f} ({stats['parameters']:,} parameters)" if stats else ""
+        return f"{self.method} {self.criterion}, target {self.fraction:.2f}{done}, {len(self.events)} pruning steps"
 
     # -- pruning ------------------------------------------------------------------------------------------------
     @property
@@ -245,6 +248,7 @@ class PruningCallback(Callback):
         return cubic_sparsity(step, self.amount, self.start_step, self.end_step, self.frequency)
 
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule, target: float, event: int) -> None:
+        before = self.metrics(pl_module)
         if self.method == "structured":
             relative = 1.0 - (1.0 - target) / (1.0 - self.fraction)
             assert self._example is not None
@@ -274,13 +278,21 @@ class PruningCallback(Callback):
                 self._layers, target, self.masks, criterion=self.criterion, scope=scope, generator=generator
             )
             apply_masks(self._layers, self.masks)
+        previous = self.fraction
         self.fraction = target
         self.events.append(event)
         stats = self.metrics(pl_module)
+        self.last_metrics = stats
         rank_zero_info(
             f"PruningCallback: {self.method} {target:.3f} at step {max(event, 0)}: "
             f"{stats['parameters']:,} parameters, sparsity {stats['sparsity']:.3f}"
         )
+        if target > previous and stats["sparsity"] <= before["sparsity"]:
+            rank_zero_warn(
+                f"PruningCallback: pruning to {target:.3f} at step {max(event, 0)} removed nothing: sparsity stays "
+                f"{stats['sparsity']:.3f}, {stats['parameters']:,} parameters before and after (a layer is left "
+                "whole when the fraction would remove all of its channels, or all are ignored: use a smaller amount)"
+            )
 
     def _dry_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Prune a copy by the dependency graph and run it: a model it would break is an error now, not mid-fit."""

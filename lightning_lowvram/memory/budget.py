@@ -10,6 +10,7 @@ On a CUDA device the budget maps to the real allocator through ``torch.cuda.set_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -63,8 +64,8 @@ def _resolve_limit(limit: int | float | str | GPUProfile) -> tuple[int, str]:
         if usable is None:
             raise ValueError(f"memory_budget(limit={profile.name!r}): this profile has no memory limit")
         return usable, f" of {profile.name}"
-    if limit <= 0:
-        raise ValueError(f"memory_budget(limit={limit!r}): the limit must be a positive number of bytes")
+    if not math.isfinite(limit) or limit < 1 or limit != int(limit):
+        raise ValueError(f"memory_budget(limit={limit!r}): the limit must be a whole number of bytes >= 1")
     return int(limit), ""
 
 

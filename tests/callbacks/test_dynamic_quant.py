@@ -151,3 +151,17 @@ def test_measuring_the_backends_does_not_count_in_the_stages_metrics():
     model = DigitsMLP(hidden=32)
     trainer.test(model, DigitsDataModule(), verbose=False)
     assert quant.measured["test"] and probe.updates == 0  # 4 timed runs per path happened, none counted
+
+
+def test_a_model_without_a_layer_to_convert_says_so():
+    class ConvOnly(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 1)
+
+        def test_step(self, batch, batch_idx):
+            self.log("out", self.conv(batch[0]).sum())
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 4, 3)), batch_size=2)
+    with pytest.warns(UserWarning, match=r"no layer converted to int8 in ConvOnly \(0 kept in float, 0 frozen"):
+        quiet_trainer(callbacks=[DynamicQuantCallback(stages="test", compare=False)]).test(ConvOnly(), loader)

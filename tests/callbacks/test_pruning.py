@@ -271,3 +271,10 @@ def test_ddp_ranks_end_with_identical_shapes_masks_and_weights(method, tmp_path)
         assert ranks[0]["weights"]["net.0.weight"].shape == (32, 64)
     else:
         assert len(ranks[0]["masks"]) == 2
+
+
+def test_a_pruning_step_that_removes_nothing_says_so_with_the_numbers():
+    pruning = PruningCallback(0.99, schedule="once")  # 16 channels: 0.99 would leave none, so each layer stays whole
+    with pytest.warns(UserWarning, match=r"pruning to 0.990 at step 0 removed nothing: sparsity stays 0.000, 1,482"):
+        _fit(DigitsMLP(hidden=16), DigitsDataModule(), [pruning], max_steps=1)
+    assert "sparsity 0.000 (1,482 parameters)" in pruning.summary()

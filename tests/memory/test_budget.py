@@ -85,9 +85,9 @@ def test_lightning_fit_under_a_budget_raises_oom_when_too_small():
         quiet_trainer(max_steps=2, limit_val_batches=0).fit(model, datamodule=data)
 
 
-@pytest.mark.parametrize("bad", [0, -1, -0.5])
-def test_non_positive_limit_is_refused(bad):
-    with pytest.raises(ValueError, match=r"memory_budget\(limit=.*positive"):
+@pytest.mark.parametrize("bad", [0, -1, -0.5, 0.5, 1024.5, float("nan"), float("inf")])
+def test_a_limit_that_is_not_a_whole_number_of_bytes_is_refused(bad):
+    with pytest.raises(ValueError, match=r"memory_budget\(limit=.*whole number of bytes >= 1"):
         with memory_budget(bad):
             pass
 
