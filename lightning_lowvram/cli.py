@@ -9,11 +9,13 @@ model and data and writes a PNG chart, without training.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import shlex
 import signal
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -156,6 +158,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         _check_batch(cfg, model, data)
     _check_strategy_keys(cfg)
     callbacks = {name: _instantiate(node, name) for name, node in _callback_nodes(cfg)}
+    for callback in callbacks.values():
+        if hasattr(callback, "print_table"):
+            callback.print_table = False  # the summary prints each table once
     trainer_kwargs: dict[str, Any] = {}
     chosen = None
     auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
@@ -338,7 +343,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if oom is None:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
             if cfg.test_after_fit and _can_test(model, data) and not trainer.interrupted:
-                trainer.test(model, datamodule=data)
+                trainer.test(model, datamodule=data, verbose=False)  # the summary has the metrics
                 metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     if oom is not None:  # advice from the planner, outside the budget
         raise NothingFits(_advice(parts, oom)) from oom
@@ -428,6 +433,10 @@ def _summary(cfg: DictConfig, parts: dict[str, Any], gpu_line: str, metrics: dic
         "details": details,
         "metrics": dict(sorted(metrics.items())),
         "memory": reports,
+        "run_dir": str(trainer.default_root_dir),
+        "checkpoints": sorted(
+            {str(p) for p in Path(trainer.default_root_dir).glob("**/*.ckpt") if p.is_file()},
+        ),
     }
 
 
@@ -446,10 +455,40 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["memory"]:
         lines += ["  peak memory by stage and category:"]
         lines += ["    " + line for line in memory_table(summary["memory"]).splitlines()]
+    if summary.get("run_dir"):
+        lines.append(f"  run directory    {summary['run_dir']}")
+        checkpoints = summary.get("checkpoints") or ["none (trainer.enable_checkpointing=false)"]
+        lines += [f"  checkpoint       {path}" for path in checkpoints]
     return "\n".join(lines)
 
 
+# Lightning's informational lines the CLI drops (its summary says what matters); the library leaves them alone
+_NOISE = ("GPU available", "TPU available", "HPU available", "Seed set to", "💡 Tip", "`Trainer.fit` stopped")
+_NOISY_WARNINGS = (
+    r"`\.fit\(ckpt_path=None\)` was called",  # OnExceptionCheckpoint makes Lightning look for a checkpoint to resume
+    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint",
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(_NOISE)
+
+
+def _quiet_lightning() -> None:
+    """Lightning's tips and banners off, each other warning once: in the app only."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
+                 "lightning.fabric.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):  # fmt: skip
+        logging.getLogger(name).addFilter(_DropNoise())
+    warnings.filterwarnings("once", category=UserWarning)
+    for pattern in _NOISY_WARNINGS:  # inserted before "once": they win
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def _hydra_main(cfg: DictConfig) -> None:
+    _quiet_lightning()
     try:
         run(cfg)
     except ConfigError as err:

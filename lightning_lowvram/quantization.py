@@ -354,3 +354,12 @@ def _int8_weight_shape(state: Any, layer: str) -> tuple[int, int] | None:
     if isinstance(value, tuple | list):
         value = value[0]
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def format_comparison(stage: str, rows: dict[str, dict[str, float]]) -> str:
+    """The float-vs-int8 table of one stage."""
+    lines = [f"float vs int8 ({stage})", f"  {'':28} {'float':>12} {'int8':>12} {'int8/float':>10}"]
+    for key, row in rows.items():
+        ratio = row["int8"] / row["float"] if row["float"] else float("nan")
+        lines.append(f"  {key:28} {row['float']:>12.4g} {row['int8']:>12.4g} {ratio:>10.3f}")
+    return "\n".join(lines)

@@ -360,3 +360,17 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights_and_c
     code, out, err = _main(shlex.split(command)[3:], tmp_path / "again", monkeypatch, capsys)  # the printed command
     assert code == 0, err[-2000:]
     assert torch.load(_checkpoint(tmp_path / "again", "epoch=1-*.ckpt"), weights_only=False)["global_step"] == 8
+
+
+def test_the_summary_is_printed_once_with_the_run_directory_and_checkpoints_and_no_tips(tmp_path, monkeypatch, capsys):
+    args = ["fit", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "strategy=quant", "strategy.quant.compare=true"]  # fmt: skip
+    code, out, err = _main(args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert out.count("lowvram summary") == 1 and out.count("peak total") == 1  # the memory table once
+    assert out.count("float vs int8 (test)") == 1  # the callback's table once, in the summary
+    (run_dir,) = [line.split(maxsplit=2)[2] for line in out.splitlines() if line.startswith("  run directory")]
+    (ckpt,) = [line.split(maxsplit=1)[1] for line in out.splitlines() if line.startswith("  checkpoint ")]
+    assert ckpt.startswith(run_dir) and Path(ckpt).is_file()
+    for noise in ("GPU available", "Tip:", "Seed set", "tensorboardX", "Test metric"):
+        assert noise not in out + err

@@ -23,6 +23,7 @@ from lightning_lowvram.quantization import (
     as_linear,
     available_backends,
     choose_backend,
+    format_comparison,
     gradient_check,
     int8_kernel_ok,
     is_linear,
@@ -346,12 +347,3 @@ def _evaluate(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> d
         metric.reset()
     values["latency_ms"] = sorted(times)[len(times) // 2] * 1e3 if times else float("nan")
     return values
-
-
-def format_comparison(stage: str, rows: dict[str, dict[str, float]]) -> str:
-    """The float-vs-int8 table of one stage."""
-    lines = [f"float vs int8 ({stage})", f"  {'':28} {'float':>12} {'int8':>12} {'int8/float':>10}"]
-    for key, row in rows.items():
-        ratio = row["int8"] / row["float"] if row["float"] else float("nan")
-        lines.append(f"  {key:28} {row['float']:>12.4g} {row['int8']:>12.4g} {ratio:>10.3f}")
-    return "\n".join(lines)
