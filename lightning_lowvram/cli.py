@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
+from lightning_lowvram.hydra_setup import callback_nodes
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.meter import memory_table
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes
@@ -123,13 +124,6 @@ def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
         raise _blame(node, key, _reason(err)) from err
 
 
-def _callback_nodes(cfg: DictConfig) -> Iterator[tuple[str, Any]]:
-    for group in ("callbacks", "strategy"):
-        for name, node in (cfg.get(group) or {}).items():
-            if isinstance(node, DictConfig) and "_target_" in node:
-                yield f"{group}.{name}", node
-
-
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate everything ``cfg`` names and check it, before anything runs.
 
@@ -157,7 +151,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if cfg.command == "fit" and isinstance(data, L.LightningDataModule):
         _check_batch(cfg, model, data)
     _check_strategy_keys(cfg)
-    callbacks = {name: _instantiate(node, name) for name, node in _callback_nodes(cfg)}
+    callbacks = {name: _instantiate(node, name) for name, node in callback_nodes(cfg)}
     for callback in callbacks.values():
         if hasattr(callback, "print_table"):
             callback.print_table = False  # the summary prints each table once

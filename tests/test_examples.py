@@ -22,16 +22,20 @@ def test_own_module_example(tmp_path):
 
 
 @pytest.mark.slow
-def test_hydra_app_example(tmp_path):
+@pytest.mark.parametrize(
+    ("strategy", "callbacks"),
+    [("none", "['MemoryReportCallback']"), ("micro_batch", "['AutoMicroBatchCallback', 'MemoryReportCallback']")],
+)
+def test_hydra_app_example(strategy, callbacks, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "app.py", "gpu=t4_16gb", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "app.py", "gpu=t4_16gb", f"strategy={strategy}", f"hydra.run.dir={tmp_path}"],
         cwd=EXAMPLES / "hydra_app",
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["t4_16gb", "14.75", "['MemoryReportCallback']"]
+    assert proc.stdout.strip().splitlines()[-1] == f"t4_16gb 14.75 {callbacks}"
 
 
 @pytest.mark.slow

@@ -1,0 +1,99 @@
+"""Honour lowvram's ``gpu=`` and ``strategy=`` groups in another Hydra app with one call.
+
+For an app in the lightning-hydra-template style that composes the shipped tree (``hydra.searchpath:
+[pkg://lightning_lowvram.conf]``) and has ``gpu``, ``strategy`` and ``callbacks`` in its defaults list::
+
+    setup = lowvram_setup(cfg, model=model, batch=next(iter(datamodule.train_dataloader())))
+    trainer = L.Trainer(callbacks=[*your_callbacks, *setup.callbacks], **setup.trainer_kwargs)
+    with setup.budget():
+        trainer.fit(model, datamodule)
+
+This module imports Hydra and OmegaConf; the callbacks do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_lowvram.memory.budget import memory_budget
+from lightning_lowvram.memory.profiles import GPUProfile, gpu_profile
+
+
+def callback_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """``(key, node)`` of every callback node under ``callbacks`` and ``strategy`` (nodes with a ``_target_``)."""
+    for group in ("callbacks", "strategy"):
+        for name, node in (cfg.get(group) or {}).items():
+            if isinstance(node, DictConfig) and "_target_" in node:
+                yield f"{group}.{name}", node
+
+
+@dataclasses.dataclass
+class LowVRAMSetup:
+    """What a composed config asks for.
+
+    Attributes:
+        profile: The card (``gpu=``).
+        callbacks: The ``callbacks`` and ``strategy`` nodes, instantiated (for ``strategy=auto``: the plan's).
+        trainer_kwargs: Trainer arguments the strategy sets (``strategy=auto``'s precision).
+        plan: The plan, for ``strategy=auto`` on a card.
+
+    """
+
+    profile: GPUProfile
+    callbacks: list[L.Callback]
+    trainer_kwargs: dict[str, Any]
+    plan: Any = None
+
+    def budget(self, device: str = "auto") -> contextlib.AbstractContextManager[Any]:
+        """The card's memory on this machine: a CPU budget or a capped CUDA allocator; none for a detected card."""
+        if self.profile.usable_bytes is None or self.profile.name.startswith("cuda:"):
+            return contextlib.nullcontext()
+        return memory_budget(self.profile, device=device)
+
+
+def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch: Any = None) -> LowVRAMSetup:
+    """Turn a composed config's ``gpu``, ``strategy`` and ``callbacks`` into callbacks, Trainer kwargs and a budget.
+
+    Args:
+        cfg: The composed config (``gpu`` and ``strategy`` optional: the local device, no strategy).
+        model: Needed for ``strategy=auto`` on a card (the planner traces its step).
+        batch: An example training batch, for ``strategy=auto``.
+
+    Raises:
+        ValueError: A bad ``gpu`` node, or ``strategy=auto`` on a card without ``model`` and ``batch``.
+
+    Example:
+        >>> from hydra import compose, initialize_config_module
+        >>> with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
+        ...     cfg = compose("lowvram", overrides=["gpu=t4_16gb", "strategy=micro_batch"])
+        >>> setup = lowvram_setup(cfg)
+        >>> setup.profile.name, sorted(type(c).__name__ for c in setup.callbacks)
+        ('t4_16gb', ['AutoMicroBatchCallback', 'MemoryReportCallback'])
+
+    """
+    from hydra.utils import instantiate
+
+    from lightning_lowvram.callbacks.from_plan import plan_callbacks
+
+    profile = (
+        GPUProfile.from_config(OmegaConf.to_container(cfg.gpu, resolve=True)) if "gpu" in cfg else gpu_profile("auto")
+    )
+    callbacks = [instantiate(node) for _, node in callback_nodes(cfg)]
+    strategy = cfg.get("strategy") or {}
+    if strategy.get("name") != "auto" or profile.usable_bytes is None:
+        return LowVRAMSetup(profile, callbacks, {})
+    if model is None or batch is None:
+        raise ValueError("strategy=auto: lowvram_setup(cfg, model=..., batch=...) needs the model and a training batch")
+    from lightning_lowvram.planner import plan
+
+    chosen = plan(model, batch, profile, margin=strategy.get("margin", 0.1),
+                  allow_int8_base=strategy.get("allow_int8_base", False))  # fmt: skip
+    if chosen.chosen is None:
+        raise ValueError(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
+    return LowVRAMSetup(profile, [*callbacks, *plan_callbacks(chosen)], chosen.trainer_kwargs(), chosen)

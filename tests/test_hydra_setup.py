@@ -1,0 +1,30 @@
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from lightning_lowvram.hydra_setup import lowvram_setup
+from lightning_lowvram.memory.budget import active_budget
+
+
+def _cfg(*overrides):
+    with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
+        return compose("lowvram", overrides=list(overrides))
+
+
+def test_a_foreign_app_gets_the_strategy_callbacks_and_the_cards_budget():
+    setup = lowvram_setup(_cfg("gpu=rtx3060_12gb", "strategy=prune", "strategy.pruning.amount=0.3"))
+    (pruning,) = [c for c in setup.callbacks if type(c).__name__ == "PruningCallback"]
+    assert pruning.amount == 0.3 and setup.trainer_kwargs == {}
+    with setup.budget(device="cpu"):
+        assert active_budget() == setup.profile.usable_bytes
+
+
+def test_strategy_auto_plans_with_the_model_and_a_batch():
+    from lightning_lowvram.demo import DigitsMLP
+
+    cfg = _cfg("gpu=rtx3060_12gb", "strategy=auto")
+    with pytest.raises(ValueError, match=r"needs the model and a training batch"):
+        lowvram_setup(cfg)
+    setup = lowvram_setup(cfg, model=DigitsMLP(), batch=(torch.zeros(64, 64), torch.zeros(64, dtype=torch.long)))
+    assert setup.plan is not None and setup.plan.chosen is not None
+    assert setup.trainer_kwargs == setup.plan.trainer_kwargs()
