@@ -1,0 +1,57 @@
+"""Every command of the README runs as written (in this process, with a timeout), and says what the README says."""
+
+import re
+import shlex
+import signal
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SKIP = ("pip ", "python -m pytest")  # the install and the test command itself (CI runs both)
+
+
+def _commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    lines = [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#") and not line.startswith(SKIP)]
+
+
+COMMANDS = _commands()
+
+
+def test_the_readme_has_the_commands_this_file_checks():
+    assert "lowvram fit gpu=rtx3060_12gb" in COMMANDS and len(COMMANDS) >= 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"{i:02d}" for i in range(len(COMMANDS))])
+def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
+    from lightning_lowvram.cli import main
+
+    argv = shlex.split(command)
+    assert argv[0] == "lowvram" or argv[:3] == ["python", "-m", "lightning_lowvram"], command
+    args = argv[1:] if argv[0] == "lowvram" else argv[3:]
+    monkeypatch.chdir(tmp_path)
+
+    def too_long(*_):
+        raise TimeoutError(f"{command}: still running after 240 s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(240)
+    try:
+        main(args)
+    except SystemExit as exit:
+        assert exit.code in (0, None), capsys.readouterr().err[-2000:]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    out = capsys.readouterr().out
+    if "--cfg" in args:
+        assert "strategy:" in out
+    elif args[0] == "plan":
+        assert "plan for rtx3070_8gb" in out and "chart:" in out
+    else:
+        assert "lowvram summary" in out
+    if "gpu.free_gib=0.003" in args:  # "a shared card with 3 MB free: settles on micro-batch 256"
+        assert "micro-batch train 256" in out, out[-3000:]
