@@ -12,20 +12,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 
 SliceFn = Callable[[Any, int, int], Any]
 
 
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensors(v)]
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return [t for f in dataclasses.fields(batch) for t in _tensors(getattr(batch, f.name))]
-    if isinstance(batch, list | tuple):
-        return [t for v in batch for t in _tensors(v)]
-    return []
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested batch or output (mappings, sequences, namedtuples, dataclasses), in order.
+
+    The project's one walker over nested containers: Lightning's ``apply_to_collection``.
+
+    Example:
+        >>> [t.shape[0] for t in tensors_in({"x": torch.zeros(8, 3), "meta": ["a", torch.zeros(2)]})]
+        [8, 2]
+
+    """
+    found: list[torch.Tensor] = []
+    apply_to_collection(value, torch.Tensor, found.append)
+    return found
 
 
 def batch_size_of(batch: Any) -> int:
@@ -39,7 +43,7 @@ def batch_size_of(batch: Any) -> int:
         8
 
     """
-    for tensor in _tensors(batch):
+    for tensor in tensors_in(batch):
         if tensor.dim() > 0:
             return int(tensor.shape[0])
     if hasattr(batch, "__len__") and not isinstance(batch, str | bytes):
@@ -72,7 +76,7 @@ def slice_batch(batch: Any, start: int, end: int, size: int | None = None) -> An
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(slice_batch(v, start, end, size) for v in batch))
     if isinstance(batch, list | tuple):
-        if len(batch) == size and not _tensors(batch):  # per-sample items: strings, ids, ...
+        if len(batch) == size and not tensors_in(batch):  # per-sample items: strings, ids, ...
             return type(batch)(batch[start:end])
         return type(batch)(slice_batch(v, start, end, size) for v in batch)
     return batch

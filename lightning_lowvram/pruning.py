@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lowvram._files import load_weights_only
+from lightning_lowvram.batching import tensors_in
 from lightning_lowvram.pruning_units import (
     Unit,
     conform_to_state_dict,
@@ -79,7 +80,7 @@ def output_layers(model: nn.Module, example_inputs: Any, forward: Forward | None
         for handle in handles:
             handle.remove()
     found: list[str] = []
-    for tensor in _flat_tensors(result):
+    for tensor in tensors_in(result):
         name = _nearest(tensor.grad_fn, produced)
         if name is not None and name not in found:
             found.append(name)
@@ -434,16 +435,6 @@ def call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-
-
-def _flat_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _flat_tensors(v)]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _flat_tensors(v)]
-    return []
 
 
 def state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 
@@ -71,3 +72,28 @@ class InterruptAfter(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.steps:
             raise KeyboardInterrupt
+
+
+class RecordingLogger(Logger):
+    """A logger that keeps the last value of every metric (what the callbacks report through the Trainer)."""
+
+    name = "recording"
+    version = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def seeded_fit(model: L.LightningModule, data: L.LightningDataModule, callbacks=(), **kwargs) -> L.Trainer:
+    """``quiet_trainer(...).fit`` after ``seed_everything(0)``: 3 steps and no validation unless told otherwise."""
+    L.seed_everything(0)
+    trainer = quiet_trainer(callbacks=list(callbacks), **{"max_steps": 3, "limit_val_batches": 0, **kwargs})
+    trainer.fit(model, datamodule=data)
+    return trainer

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_lowvram.checkpointing import checkpoint_blocks, uncheckpoint_blocks
 
@@ -42,11 +43,13 @@ class ActivationCheckpointingCallback(Callback):
         self.blocks = [blocks] if isinstance(blocks, str) else (list(blocks) if blocks is not None else None)
         self.blocks_wrapped: list[str] = []
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and not self.blocks_wrapped:
             self.blocks_wrapped = checkpoint_blocks(pl_module, self.blocks)
             rank_zero_info(f"ActivationCheckpointingCallback: {len(self.blocks_wrapped)} blocks checkpointed")
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             uncheckpoint_blocks(pl_module)

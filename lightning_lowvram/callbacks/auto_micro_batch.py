@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils._python_dispatch import _disable_current_modes
+from typing_extensions import override
 
 from lightning_lowvram.batching import (
     COUNTS,
@@ -125,6 +126,7 @@ class AutoMicroBatchCallback(Callback):
         self._backprop_done = False
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._check(trainer, pl_module, stage)
         self._trainer, self._module = trainer, pl_module
@@ -137,20 +139,24 @@ class AutoMicroBatchCallback(Callback):
                 step = functools.partial(self._eval_step, eval_stage)
                 self._wrap(pl_module, _EVAL_STEPS[eval_stage], step)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for undo in reversed(self._undo.values()):
             undo()
         self._undo.clear()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int):
         values = {"micro_batch_size": self.micro_batch_size, "micro_batches": self.micro_batches}
         values["oom_retries"] = self.oom_retries
         for key, value in values.items():
             pl_module.log(f"lowvram/{key}", float(value or 0), on_step=True, on_epoch=False, batch_size=1)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"sizes": dict(self.sizes), "failed": dict(self.failed), "oom_retries": self.oom_retries}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sizes.update(state_dict["sizes"])
         self.failed.update(state_dict["failed"])

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
+from typing_extensions import override
 
 from lightning_lowvram._files import check_writable
 from lightning_lowvram.batching import batch_size_of
@@ -118,6 +119,7 @@ class DynamicQuantCallback(Callback):
         self.measured: dict[str, str] = {}  # stage -> fastest path on CUDA with backend="auto" (or "float")
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         device = trainer.strategy.root_device
         if stage == "fit" and self.freeze_base and not self.frozen:
@@ -126,30 +128,38 @@ class DynamicQuantCallback(Callback):
             if self.backend != "measure":
                 self._chosen = choose_backend(device, self.backend)  # unsupported here: a clear error now
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "validate" in self.stages and not trainer.sanity_checking:
             self._start(trainer, pl_module, "validate")
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage_end(trainer, pl_module, "validate")
 
+    @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "test" in self.stages:
             self._start(trainer, pl_module, "test")
 
+    @override
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage_end(trainer, pl_module, "test")
 
+    @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "predict" in self.stages:
             self._start(trainer, pl_module, "predict")
 
+    @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage_end(trainer, pl_module, "predict")
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._swap_out(pl_module)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._swap_out(pl_module)
 

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_lowvram.memory.meter import MemoryMeter, MemoryStats, memory_table
 
@@ -70,30 +71,38 @@ class MemoryReportCallback(Callback):
         self._peaks: list[MemoryStats] = []  # of the sampled windows of the running stage
         self._eval_batches = 0
 
+    @override
     @property
     def state_key(self) -> str:
         return self._generate_state_key(stages=self.stages)
 
     # -- hooks: each opens or closes the meter for the stage the Trainer runs -----------------------------------
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._open(trainer, pl_module, "fit")
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.steps is not None and trainer.global_step >= self.steps:
             self._pause()
 
+    @override
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._count_eval_batch()
 
+    @override
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._count_eval_batch()
 
+    @override
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._count_eval_batch()
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close(trainer, "fit")
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_batches = 0
         if trainer.state.fn == "fit" and self._stage == "fit" and self._meter is None and not trainer.sanity_checking:
@@ -102,6 +111,7 @@ class MemoryReportCallback(Callback):
             return
         self._open(trainer, pl_module, "validate")
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and self._stage == "fit":
             if self.steps is not None and trainer.global_step >= self.steps:
@@ -109,23 +119,29 @@ class MemoryReportCallback(Callback):
             return
         self._close(trainer, "validate")
 
+    @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_batches = 0
         self._open(trainer, pl_module, "test")
 
+    @override
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close(trainer, "test")
 
+    @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_batches = 0
         self._open(trainer, pl_module, "predict")
 
+    @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close(trainer, "predict")
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._discard()
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._discard()
 

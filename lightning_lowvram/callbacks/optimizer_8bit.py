@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning_utilities.core.apply_func import apply_to_collection
+from typing_extensions import override
 
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.optim import to_8bit
@@ -30,29 +32,25 @@ class EightBitOptimizerCallback(Callback):
     def __init__(self) -> None:
         self._undo: Callable[[], None] | None = None  # puts back the module's own configure_optimizers
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self._undo is not None:
             return
 
         def configure_optimizers(original: Callable[[], Any]) -> Any:
             configured = original()
-            mapping = {id(opt): to_8bit(opt) for opt in _walk(configured) if isinstance(opt, torch.optim.Optimizer)}
+            found: list[torch.optim.Optimizer] = []
+            apply_to_collection(configured, torch.optim.Optimizer, found.append)
+            mapping = {id(opt): to_8bit(opt) for opt in found}
             return _replace(configured, mapping)
 
         self._undo = patch_method(pl_module, "configure_optimizers", configure_optimizers)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self._undo is not None:
             self._undo()
             self._undo = None
-
-
-def _walk(obj: Any) -> list[Any]:
-    if isinstance(obj, dict):
-        return [x for v in obj.values() for x in _walk(v)]
-    if isinstance(obj, list | tuple):
-        return [x for v in obj for x in _walk(v)]
-    return [obj]
 
 
 def _replace(obj: Any, mapping: dict[int, torch.optim.Optimizer]) -> Any:

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from typing_extensions import override
 
 from lightning_lowvram.batching import slice_batch
 from lightning_lowvram.callbacks._patching import patch_method
@@ -143,11 +144,13 @@ class PruningCallback(Callback):
         self._hooks: list[Any] = []
         self._undo: Callable[[], None] | None = None  # puts back the module's own on_load_checkpoint
 
+    @override
     @property
     def state_key(self) -> str:
         return self._generate_state_key(amount=self.amount, method=self.method, criterion=self.criterion)
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._wrap_on_load_checkpoint(pl_module)
         if stage != "fit":
@@ -162,6 +165,7 @@ class PruningCallback(Callback):
         if self.schedule == "once" and -1 not in self.events:
             self._prune(trainer, pl_module, self.amount, event=-1)
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule == "gradual" and self.end_step is None:
             total = trainer.estimated_stepping_batches
@@ -173,6 +177,7 @@ class PruningCallback(Callback):
         self.masks = {name: mask.to(pl_module.device) for name, mask in self.masks.items()}
         self._hook_optimizers(trainer)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int):
         step = trainer.global_step
         if self.schedule == "once" or step in self.events:
@@ -181,22 +186,26 @@ class PruningCallback(Callback):
         if target > self.fraction + 1e-9:
             self._prune(trainer, pl_module, target, event=step)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for key, value in self.metrics(pl_module).items():
             pl_module.log(f"lowvram/pruning/{key}", float(value), on_step=False, on_epoch=True)
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.masks:  # permanent: the zeros stay in the weights, the hooks go; the masks leave the device but
             apply_masks(self._layers, self.masks)  # stay in this callback's state, so a later fit can resume
             self.masks = {name: mask.cpu() for name, mask in self.masks.items()}
         self._remove_hooks()
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._remove_hooks()
         if self._undo is not None:
             self._undo()
             self._undo = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "fraction": self.fraction,
@@ -209,6 +218,7 @@ class PruningCallback(Callback):
             "frequency": self.frequency,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.fraction, self.ops, self.masks = state_dict["fraction"], list(state_dict["ops"]), state_dict["masks"]
         self.events = list(state_dict["events"])

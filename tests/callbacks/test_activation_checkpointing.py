@@ -1,4 +1,5 @@
 import lightning as L
+import pytest
 import torch
 
 from lightning_lowvram import ActivationCheckpointingCallback, MemoryReportCallback
@@ -27,6 +28,7 @@ def test_training_with_checkpointed_blocks_matches_and_keeps_fewer_activations()
     assert callback.blocks_wrapped == [] and "forward" not in model.blocks[0].__dict__  # unwrapped at teardown
 
 
+@pytest.mark.slow  # DDP: two subprocesses
 def test_under_ddp_ranks_agree_and_match_the_unwrapped_ddp_run(tmp_path):
     from tests.callbacks import ddp_activation_checkpointing
 

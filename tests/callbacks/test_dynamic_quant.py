@@ -9,8 +9,7 @@ from torch import nn
 from lightning_lowvram import AutoMicroBatchCallback, DynamicQuantCallback, PruningCallback, load_quantized
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
 from lightning_lowvram.quantization import linear_bytes, quantize_dynamic_int8, quantized_layers
-from tests.callbacks.test_memory_report import RecordingLogger
-from tests.helpers import quiet_trainer
+from tests.helpers import RecordingLogger, quiet_trainer
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,10 @@ import logging
 
 import lightning as L
 import pytest
-from lightning.pytorch.loggers import Logger
 
 from lightning_lowvram import MemoryReportCallback
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
-from tests.helpers import quiet_trainer
-
-
-class RecordingLogger(Logger):
-    name = "recording"
-    version = 0
-
-    def __init__(self):
-        super().__init__()
-        self.metrics: dict[str, float] = {}
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
+from tests.helpers import RecordingLogger, quiet_trainer
 
 
 def test_peak_per_stage_to_loggers_and_printed(caplog):

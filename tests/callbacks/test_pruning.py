@@ -8,9 +8,8 @@ from torch.utils.data import DataLoader
 from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, PruningCallback, load_pruned
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP, TinyGPT, TinyTextDataModule
 from lightning_lowvram.pruning import state_bytes
-from tests.callbacks.test_memory_report import RecordingLogger
 from tests.ddp import run_ddp
-from tests.helpers import quiet_trainer
+from tests.helpers import RecordingLogger, quiet_trainer, seeded_fit
 
 
 class OrderedDigits(DigitsDataModule):
@@ -24,14 +23,6 @@ def _total(model, trainer):
     return sum(state_bytes(model, trainer.optimizers).values())
 
 
-def _fit(model, data, callbacks=(), **kwargs):
-    L.seed_everything(0)
-    kwargs = {"max_steps": 3, "limit_val_batches": 0, **kwargs}
-    trainer = quiet_trainer(callbacks=list(callbacks), **kwargs)
-    trainer.fit(model, datamodule=data)
-    return trainer
-
-
 @pytest.mark.parametrize(
     ("make_model", "make_data"),
     [
@@ -43,10 +34,10 @@ def _fit(model, data, callbacks=(), **kwargs):
 def test_structured_half_cuts_state_bytes_and_the_step_peak(make_model, make_data):
     L.seed_everything(0)
     plain_model, plain_report = make_model(), MemoryReportCallback(stages=["fit"], print_table=False)
-    plain = _fit(plain_model, make_data(), [plain_report])
+    plain = seeded_fit(plain_model, make_data(), [plain_report])
     L.seed_everything(0)
     model, report = make_model(), MemoryReportCallback(stages=["fit"], print_table=False)
-    pruned = _fit(model, make_data(), [PruningCallback(0.5, schedule="once"), report])
+    pruned = seeded_fit(model, make_data(), [PruningCallback(0.5, schedule="once"), report])
     ratio = _total(model, pruned) / _total(plain_model, plain)  # params + grads + AdamW state, from the tensors
     assert ratio <= 0.55
     assert report.reports["fit"].total < plain_report.reports["fit"].total
@@ -61,7 +52,7 @@ def test_once_prunes_before_the_optimizer_exists():
 
     model = DigitsMLP(hidden=64)
     pruning = PruningCallback(0.5, schedule="once")
-    _fit(model, DigitsDataModule(), [pruning, Spy()])
+    seeded_fit(model, DigitsDataModule(), [pruning, Spy()])
     assert seen[0] == [tuple(p.shape) for p in model.parameters()] and seen[0][0] == (32, 64)
     assert pruning.events == [-1]
 
@@ -90,7 +81,7 @@ def test_gradual_structured_rebuilds_the_optimizer_and_keeps_training_the_model(
 
     model, watch = WithScheduler(hidden=64), Watch()
     pruning = PruningCallback(0.5, start_step=2, end_step=8, frequency=2)
-    _fit(model, DigitsDataModule(batch_size=64), [pruning, watch], max_steps=40, max_epochs=3)
+    seeded_fit(model, DigitsDataModule(batch_size=64), [pruning, watch], max_steps=40, max_epochs=3)
     assert pruning.events == [4, 6, 8] and pruning.fraction == 0.5  # cubic: 0 at start_step itself
     assert model.net[0].out_features == 32
     assert all(row["same"] and row["state"] for row in watch.rows)  # no stale full-size parameters or state
@@ -115,7 +106,7 @@ def test_unstructured_masks_are_bool_applied_after_every_step_and_made_permanent
     model = DigitsMLP(hidden=64)
     pruning = PruningCallback(0.6, method="unstructured", schedule="once", scope="global")
     check = Check(pruning)
-    _fit(model, DigitsDataModule(), [pruning, check], max_steps=5)
+    seeded_fit(model, DigitsDataModule(), [pruning, check], max_steps=5)
     assert all(check.ok) and max(check.extra) <= 0.25  # bool: 1 byte per 4-byte weight, nothing else
     weights = [model.net[0].weight, model.net[2].weight]  # the output layer net[4] is never pruned
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
@@ -127,7 +118,7 @@ def test_unstructured_masks_are_bool_applied_after_every_step_and_made_permanent
 
 def test_callable_schedule_and_random_criterion():
     pruning = PruningCallback(method="unstructured", criterion="random", schedule=lambda step: min(step, 4) / 10)
-    _fit(DigitsMLP(hidden=32), DigitsDataModule(), [pruning], max_steps=6)
+    seeded_fit(DigitsMLP(hidden=32), DigitsDataModule(), [pruning], max_steps=6)
     assert pruning.events == [1, 2, 3, 4] and pruning.fraction == 0.4
 
 
@@ -137,7 +128,7 @@ def test_resuming_mid_schedule_ends_like_an_uninterrupted_run(method, tmp_path):
         L.seed_everything(0)
         model = DigitsMLP(hidden=64)
         pruning = PruningCallback(0.5, method=method, start_step=0, end_step=30, frequency=5)
-        trainer = _fit(model, OrderedDigits(batch_size=64), [pruning], max_steps=-1, max_epochs=epochs)
+        trainer = seeded_fit(model, OrderedDigits(batch_size=64), [pruning], max_steps=-1, max_epochs=epochs)
         return model, pruning, trainer
 
     full, full_pruning, _ = run(3)
@@ -154,7 +145,7 @@ def test_resuming_mid_schedule_ends_like_an_uninterrupted_run(method, tmp_path):
 
 def test_load_pruned_rebuilds_shapes_from_a_weights_only_checkpoint(tmp_path):
     model = TinyGPT(seq_len=32, d_model=64, n_head=4, n_layer=1)
-    trainer = _fit(
+    trainer = seeded_fit(
         model,
         TinyTextDataModule(seq_len=32, batch_size=4),
         [PruningCallback(0.5, start_step=0, end_step=2, frequency=1)],
@@ -184,7 +175,9 @@ def test_structured_gradual_keeps_digits_accuracy_within_one_and_a_half_points()
 def test_sparsity_parameters_and_bytes_reach_the_loggers():
     logger = RecordingLogger()
     model = DigitsMLP(hidden=64)
-    _fit(model, DigitsDataModule(), [PruningCallback(0.5, schedule="once")], max_steps=-1, max_epochs=1, logger=logger)
+    seeded_fit(
+        model, DigitsDataModule(), [PruningCallback(0.5, schedule="once")], max_steps=-1, max_epochs=1, logger=logger
+    )
     params = sum(p.numel() for p in model.parameters())
     assert logger.metrics["lowvram/pruning/parameters"] == params
     assert logger.metrics["lowvram/pruning/parameter_bytes"] == params * 4
@@ -195,7 +188,7 @@ def test_with_auto_micro_batching():
     model = DigitsMLP(hidden=64)
     micro = AutoMicroBatchCallback(micro_batch_size=16)
     pruning = PruningCallback(0.5, start_step=0, end_step=4, frequency=2)
-    _fit(model, DigitsDataModule(batch_size=64), [micro, pruning], max_steps=6)
+    seeded_fit(model, DigitsDataModule(batch_size=64), [micro, pruning], max_steps=6)
     assert model.net[0].out_features == 32 and micro.micro_batches == 4 and pruning.events == [2, 4]
 
 
@@ -226,7 +219,7 @@ def test_bad_model_arguments_fail_at_setup_before_any_step(kwargs, match):
     model = DigitsMLP(hidden=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=match):
-        _fit(model, DigitsDataModule(), [PruningCallback(**kwargs)])
+        seeded_fit(model, DigitsDataModule(), [PruningCallback(**kwargs)])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -240,7 +233,7 @@ def test_dict_batches_are_traced_through_the_modules_own_training_step():
             return DataLoader([{"x": torch.zeros(64), "y": torch.tensor(1)}] * 8, batch_size=4)
 
     model = DictMLP(hidden=32)
-    _fit(model, DictData(), [PruningCallback(schedule="once")])
+    seeded_fit(model, DictData(), [PruningCallback(schedule="once")])
     assert model.net[0].out_features == 16
 
 
@@ -254,9 +247,10 @@ def test_a_step_that_returns_no_loss_asks_for_example_input_array():
             self.manual_backward(super().training_step(batch, batch_idx))
 
     with pytest.raises(MisconfigurationException, match="example_input_array"):
-        _fit(Manual(), DigitsDataModule(), [PruningCallback()])
+        seeded_fit(Manual(), DigitsDataModule(), [PruningCallback()])
 
 
+@pytest.mark.slow  # DDP: two subprocesses
 @pytest.mark.parametrize("method", ["structured", "unstructured"])
 def test_ddp_ranks_end_with_identical_shapes_masks_and_weights(method, tmp_path):
     from tests.callbacks import ddp_pruning
@@ -276,5 +270,5 @@ def test_ddp_ranks_end_with_identical_shapes_masks_and_weights(method, tmp_path)
 def test_a_pruning_step_that_removes_nothing_says_so_with_the_numbers():
     pruning = PruningCallback(0.99, schedule="once")  # 16 channels: 0.99 would leave none, so each layer stays whole
     with pytest.warns(UserWarning, match=r"pruning to 0.990 at step 0 removed nothing: sparsity stays 0.000, 1,482"):
-        _fit(DigitsMLP(hidden=16), DigitsDataModule(), [pruning], max_steps=1)
+        seeded_fit(DigitsMLP(hidden=16), DigitsDataModule(), [pruning], max_steps=1)
     assert "sparsity 0.000 (1,482 parameters)" in pruning.summary()
