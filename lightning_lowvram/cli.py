@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lightning_lowvram._files import check_writable
 from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.hydra_setup import callback_nodes
@@ -167,6 +168,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             callbacks.update({f"strategy.{type(c).__name__}": c for c in plan_callbacks(chosen)})
             trainer_kwargs.update(chosen.trainer_kwargs())
     root = cfg.trainer.get("default_root_dir") or _run_dir()
+    try:  # checkpoints, logs and the plan's chart go here: refuse a path that cannot hold them before any work
+        check_writable(Path(root) / "checkpoints" / "x.ckpt", "the run directory")
+    except ValueError as err:
+        raise ConfigError("trainer.default_root_dir", root, str(err)) from err
     trainer_kwargs["default_root_dir"] = root
     extra = []
     if cfg.command == "fit" and cfg.trainer.get("enable_checkpointing", True):

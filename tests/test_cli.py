@@ -282,6 +282,8 @@ BAD_OVERRIDES = [
     ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt"),
     ("ckpt_path=last", "ckpt_path=last"),
     ("gpu=rtx9999", "gpu=rtx9999: not a known GPU profile"),
+    ("trainer.default_root_dir=/dev/null/run", "trainer.default_root_dir=/dev/null/run"),
+    ("strategy=prune strategy.pruning.ignore=3", "strategy.pruning.ignore=3"),
 ]
 
 

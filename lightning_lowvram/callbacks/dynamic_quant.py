@@ -116,6 +116,7 @@ class DynamicQuantCallback(Callback):
         self._stash: dict[str, nn.Module] = {}
         self._chosen: str | None = None
         self.kept_float: dict[str, str] = {}  # layer -> why it stays float
+        self.converted = 0  # layers the latest quantized stage ran in int8
         self.measured: dict[str, str] = {}  # stage -> fastest path on CUDA with backend="auto" (or "float")
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
@@ -164,8 +165,11 @@ class DynamicQuantCallback(Callback):
         self._swap_out(pl_module)
 
     def summary(self) -> str:
-        """The float-vs-int8 table(s) for the `lowvram` summary."""
-        return "\n".join(format_comparison(stage, rows) for stage, rows in self.comparison.items())
+        """What was converted, and the float-vs-int8 table(s), for the `lowvram` summary."""
+        done = f"{self.converted} layer(s) int8" + (f", {len(self.kept_float)} kept float" if self.kept_float else "")
+        done += f", {len(self.frozen)} frozen base layer(s) int8" if self.frozen else ""
+        tables = [format_comparison(stage, rows) for stage, rows in self.comparison.items()]
+        return "\n".join([done, *tables]) if tables else done
 
     # -- int8 for a stage ---------------------------------------------------------------------------------------
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -209,6 +213,7 @@ class DynamicQuantCallback(Callback):
             return
         box = nn.ModuleList(as_linear(copy.deepcopy(pl_module.get_submodule(n))) for n in names).eval()
         quantize_dynamic_int8(box, backend, device=pl_module.device, inplace=True)
+        self.converted = len(names)
         for name, int8 in zip(names, box, strict=True):
             self._stash[name] = pl_module.get_submodule(name)
             pl_module.set_submodule(name, int8)

@@ -31,7 +31,7 @@ def test_test_stage_runs_int8_and_compares_with_float_on_the_modules_own_metrics
     assert rows["linear_bytes"]["int8"] <= 0.27 * rows["linear_bytes"]["float"]
     assert rows["model_bytes"]["int8"] < rows["model_bytes"]["float"] and rows["latency_ms"]["int8"] > 0
     assert logger.metrics["lowvram/quant/test/test/acc/int8"] == rows["test/acc"]["int8"]
-    assert quant.summary().startswith("float vs int8 (test)")
+    assert quant.summary().startswith("3 layer(s) int8\nfloat vs int8 (test)")
     # the float model is untouched: same layers, same weights, ready to train on
     assert all(type(m) is nn.Linear for m in model.net if not isinstance(m, nn.ReLU))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
