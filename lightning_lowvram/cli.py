@@ -149,7 +149,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if not is_overridden("training_step", model, L.LightningModule):
         raise ConfigError("model._target_", cfg.model._target_, "has no training_step: `lowvram fit` cannot train it")
     data = _instantiate(cfg.data, "data")
-    if cfg.command == "fit" and isinstance(data, L.LightningDataModule):
+    if isinstance(data, L.LightningDataModule):
         _check_batch(cfg, model, data)
     _check_strategy_keys(cfg)
     callbacks = {name: _instantiate(node, name) for name, node in callback_nodes(cfg)}
