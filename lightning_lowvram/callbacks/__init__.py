@@ -4,6 +4,7 @@ from lightning_lowvram.callbacks.activation_checkpointing import ActivationCheck
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
 from lightning_lowvram.callbacks.dynamic_quant import DynamicQuantCallback
 from lightning_lowvram.callbacks.from_plan import plan_callbacks
+from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.callbacks.optimizer_8bit import EightBitOptimizerCallback
 from lightning_lowvram.callbacks.pruning import PruningCallback
@@ -13,6 +14,7 @@ __all__ = [
     "AutoMicroBatchCallback",
     "DynamicQuantCallback",
     "EightBitOptimizerCallback",
+    "LowBitBaseCallback",
     "MemoryReportCallback",
     "PruningCallback",
     "plan_callbacks",

@@ -1,0 +1,184 @@
+"""Low-bit frozen bases for adapter training (QLoRA-style): the functional core of ``LowBitBaseCallback``.
+
+Every frozen Linear (and Hugging Face ``Conv1D``, as the ``nn.Linear`` it is) keeps its weight in 4 bits (NF4) or
+8 bits (int8 weight-only); trainable layers (adapters, heads) are untouched, and gradients still flow through the
+frozen layers to the adapters and inputs.
+
+- ``bits=4``: torchao's ``NF4Tensor`` (``torchao.quantization.quantize_.workflows.nf4``): blocks of
+  ``NF4_BLOCK_SIZE`` weights share an absmax scale, and the scales are themselves quantized in blocks (QLoRA's double
+  quantization, Dettmers et al. 2023). ``F.linear`` dequantizes on the fly, forward and backward, on CPU and CUDA.
+  About 0.13x of the float32 bytes (4.25 bits per weight at block 64; measured by ``tests/test_lowbit.py``).
+- ``bits=8``: torchao's int8 weight-only layers (the path ``DynamicQuantCallback(freeze_base=True)`` takes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_lowvram.quantization import as_linear, is_linear, linear_bytes, quantize_dynamic_int8, tied_layers
+
+Bits = Literal[4, 8]
+# Values per NF4 absmax block and scales per double-quantization block: QLoRA's (Dettmers et al. 2023, section 3)
+# and torchao's defaults. Fixed: torchao 0.18's NF4Tensor re-quantizes every copy (clone, deepcopy) at these sizes,
+# so a layer is converted only when its weight count is a multiple of both (16384).
+NF4_BLOCK_SIZE = 64
+NF4_SCALER_BLOCK_SIZE = 256
+
+
+@dataclasses.dataclass
+class LowBitReport:
+    """What ``quantize_frozen_base`` did.
+
+    Attributes:
+        bits: 4 (NF4) or 8 (int8 weight-only).
+        converted: The frozen layers now low-bit.
+        kept: Frozen layers kept in float, with the reason.
+        bytes_before: Bytes the converted layers held in float (weights, biases).
+        bytes_after: Bytes they hold now (quantized data, scales, biases).
+
+    """
+
+    bits: int
+    converted: list[str]
+    kept: dict[str, str]
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_after / bytes_before`` (1.0 when nothing was converted)."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+
+def frozen_linear_layers(module: nn.Module) -> list[str]:
+    """Names of the Linear / ``Conv1D`` layers none of whose parameters trains.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = net[0].requires_grad_(False)
+        >>> frozen_linear_layers(net)
+        ['0']
+
+    """
+    return [
+        name
+        for name, m in module.named_modules()
+        if is_linear(m) and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
+    """Store every frozen Linear / ``Conv1D`` weight of ``module`` in ``bits`` bits, in place.
+
+    Args:
+        module: A model whose base is frozen (``requires_grad_(False)``, or wrapped by peft's LoRA).
+        bits: 4 (NF4) or 8 (int8 weight-only).
+
+    Returns:
+        What was converted, what was kept in float and why, and the bytes before and after.
+
+    Raises:
+        ValueError: ``bits`` other than 4 or 8, or no frozen Linear / ``Conv1D`` layer.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 2))
+        >>> _ = net[0].requires_grad_(False)
+        >>> report = quantize_frozen_base(net, bits=4)
+        >>> report.converted, round(report.ratio, 2), type(net[0].weight).__name__
+        (['0'], 0.13, 'NF4Tensor')
+
+    """
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    names = frozen_linear_layers(module)
+    if not names:
+        raise ValueError(
+            f"{type(module).__name__} has no frozen Linear/Conv1D layer to store in {bits} bits: freeze the base "
+            "first (requires_grad_(False)) or wrap it with adapters (peft's get_peft_model)"
+        )
+    kept: dict[str, str] = {}
+    converted: list[str] = []
+    before = linear_bytes(module, names)
+    tied = set(tied_layers(module))
+    for name in names:
+        if name in tied:
+            kept[name] = "weight tied to another module: a low-bit copy would sit beside the float one"
+            continue
+        layer = as_linear(module.get_submodule(name))
+        if bits == 4:
+            weight = layer.weight.detach()
+            if weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
+                kept[name] = (
+                    f"{tuple(weight.shape)}: {weight.numel()} weights, not a multiple of "
+                    f"{NF4_BLOCK_SIZE} x {NF4_SCALER_BLOCK_SIZE} (torchao's NF4 blocks)"
+                )
+                continue
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+            layer.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE), requires_grad=False)
+        else:
+            box = nn.ModuleList([layer])
+            quantize_dynamic_int8(box, "torchao_weight_only", device=layer.weight.device, inplace=True)
+            layer = box[0]
+        module.set_submodule(name, layer)
+        converted.append(name)
+    before = before - linear_bytes(module, kept) if kept else before
+    return LowBitReport(bits, converted, kept, before, linear_bytes(module, converted))
+
+
+def low_bit_layers(module: nn.Module) -> list[str]:
+    """Names of the Linear layers whose weight is NF4 or int8 weight-only (a quantized tensor subclass)."""
+    return [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and type(m.weight) not in (torch.Tensor, nn.Parameter)
+    ]
+
+
+_NF4 = "::nf4::"  # state-dict keys of a packed NF4 weight: f"{key}::nf4::{part}"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def pack_low_bit(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict with each NF4 weight as plain tensors (its packed data, scales and a meta vector).
+
+    ``torch.load`` cannot rebuild torchao's ``NF4Tensor`` with Lightning's ``map_location``; plain tensors load
+    anywhere, ``weights_only=True`` included, and keep the 4-bit size. :func:`unpack_low_bit` is the inverse.
+    """
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    packed: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, NF4Tensor):
+            packed[key] = value
+            continue
+        parts, meta = value.__tensor_flatten__()
+        for part in parts:
+            packed[f"{key}{_NF4}{part}"] = getattr(value, part)
+        shape = list(value.shape)
+        packed[f"{key}{_NF4}meta"] = torch.tensor(
+            [meta["block_size"], meta["n_blocks"], meta["scaler_block_size"], _DTYPES.index(value.dtype), *shape]
+        )
+    return packed
+
+
+def unpack_low_bit(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the NF4 weights :func:`pack_low_bit` packed (other entries unchanged)."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, SubclassTensorArgs
+
+    out: dict[str, Any] = {k: v for k, v in state_dict.items() if _NF4 not in k}
+    for meta_key in [k for k in state_dict if k.endswith(f"{_NF4}meta")]:
+        key = meta_key[: -len(f"{_NF4}meta")]
+        block_size, n_blocks, scaler_block_size, dtype, *shape = (int(v) for v in state_dict[meta_key])
+        parts = {k[len(key + _NF4) :]: v for k, v in state_dict.items() if k.startswith(key + _NF4) and k != meta_key}
+        size = torch.Size(shape)
+        stride = torch.empty(size, device="meta").stride()
+        args = SubclassTensorArgs(size, stride, 0, _DTYPES[dtype], parts["quantized_data"].device, False)
+        meta = {"block_size": block_size, "n_blocks": n_blocks, "scaler_block_size": scaler_block_size,
+                "tensor_meta": args}  # fmt: skip
+        out[key] = NF4Tensor.__tensor_unflatten__(parts, meta, size, stride)
+    return out

@@ -1,0 +1,61 @@
+import copy
+
+import pytest
+import torch
+
+from lightning_lowvram import LowBitBaseCallback
+from lightning_lowvram.lowbit import low_bit_layers
+from tests.helpers import RecordingLogger, quiet_trainer
+from tests.real_models.models import HFModule, hf_batches, hf_model
+
+
+def _lora_llama() -> HFModule:
+    """A tiny Llama (GQA) under peft's LoRA (r=8 on q and v): peft freezes the base."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        hf_model("llama", hidden=128), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
+    return HFModule(model, lr=1e-2, optimizer="adamw")
+
+
+def test_lora_trains_on_a_4_bit_base_and_a_checkpoint_loads_into_a_fresh_module(tmp_path):
+    module, loader = _lora_llama(), hf_batches("llama", n=16, batch_size=8, seq=16)
+    lora_before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    callback, logger = LowBitBaseCallback(bits=4), RecordingLogger()
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, logger=logger, callbacks=[callback])
+    trainer.fit(module, loader)
+
+    base = [n for n in low_bit_layers(module) if n.endswith("q_proj.base_layer")]
+    assert base and all(type(module.get_submodule(n).weight).__name__ == "NF4Tensor" for n in base)
+    assert callback.report.ratio <= 0.16 and logger.metrics["lowvram/low_bit_base/ratio"] == callback.report.ratio
+    assert "in 4 bits" in callback.summary()
+    lora = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert set(lora) == set(lora_before) and all("lora_" in n for n in lora)
+    assert all(p.dtype == torch.float32 for p in lora.values())
+    assert any(not torch.equal(lora[n], lora_before[n]) for n in lora)  # the adapters learned through the 4-bit base
+
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    fresh = _lora_llama()
+    quiet_trainer(limit_val_batches=1, callbacks=[LowBitBaseCallback(bits=4)]).validate(
+        fresh, loader, ckpt_path=tmp_path / "lora.ckpt"
+    )
+    batch = next(iter(loader))
+    with torch.no_grad():
+        assert torch.equal(fresh.model(**batch).logits, module.model(**batch).logits)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="bits must be 4 or 8, got 2"):
+        LowBitBaseCallback(bits=2)
+    from lightning_lowvram.demo import DigitsMLP
+
+    with pytest.raises(ValueError, match="DigitsMLP has no frozen Linear/Conv1D layer"):
+        quiet_trainer(max_steps=1, callbacks=[LowBitBaseCallback()]).fit(
+            DigitsMLP(),
+            torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(torch.zeros(4, 64), torch.zeros(4, dtype=torch.long)), batch_size=2
+            ),
+        )
+    assert copy.deepcopy(LowBitBaseCallback(bits=8)).bits == 8
