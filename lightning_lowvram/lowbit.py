@@ -8,7 +8,7 @@ frozen layers to the adapters and inputs.
   ``NF4_BLOCK_SIZE`` weights share an absmax scale, and the scales are themselves quantized in blocks (QLoRA's double
   quantization, Dettmers et al. 2023). ``F.linear`` dequantizes on the fly, forward and backward, on CPU and CUDA.
   About 0.13x of the float32 bytes (4.25 bits per weight at block 64; measured by ``tests/test_lowbit.py``).
-- ``bits=8``: torchao's int8 weight-only layers (the path ``DynamicQuantCallback(freeze_base=True)`` takes).
+- ``bits=8``: torchao's int8 weight-only layers (``DynamicQuantCallback(freeze_base=True)``, deprecated, calls this).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
@@ -19,6 +20,7 @@ from lightning_lowvram._files import check_writable
 from lightning_lowvram.batching import batch_size_of
 from lightning_lowvram.callbacks._metrics import snapshot_metrics
 from lightning_lowvram.callbacks._patching import patch_method
+from lightning_lowvram.lowbit import frozen_linear_layers, quantize_frozen_base
 from lightning_lowvram.quantization import (
     BACKENDS,
     as_linear,
@@ -74,7 +76,8 @@ class DynamicQuantCallback(Callback):
             :data:`lightning_lowvram.quantization.BACKENDS`.
         save_path: Where to write the int8 weights and the recipe after a quantized stage
             (load with :func:`load_quantized`).
-        freeze_base: Quantize frozen Linear layers (int8 weight-only) before fit.
+        freeze_base: Deprecated (use ``LowBitBaseCallback(bits=8)``): quantize frozen Linear layers (int8
+            weight-only) before fit, through the same conversion.
         print_table: Print the comparison table.
 
     Example:
@@ -298,25 +301,29 @@ class DynamicQuantCallback(Callback):
                 f"backend={name!r} cuts autograd: layers under trainable ones would silently get no gradient; "
                 "freeze_base=True needs backend='torchao_weight_only' (or 'auto')"
             )
-        frozen = [
-            n for n, m in pl_module.named_modules() if is_linear(m) and not any(p.requires_grad for p in m.parameters())
-        ]
+        rank_zero_deprecation(
+            "DynamicQuantCallback(freeze_base=True) is deprecated: use LowBitBaseCallback(bits=8) (or bits=4 for NF4), "
+            "which now does the frozen-base conversion for both"
+        )
+        frozen = frozen_linear_layers(pl_module)
         if not frozen:
             raise ValueError(
                 "freeze_base=True found no frozen Linear layer: freeze the base first (requires_grad_(False))"
             )
-        box = nn.ModuleList(as_linear(copy.deepcopy(pl_module.get_submodule(n))) for n in frozen)
-        quantize_dynamic_int8(box, name, device=device, inplace=True)
-        for layer_name, int8 in zip(frozen, box, strict=True):
-            similarity = gradient_check(pl_module.get_submodule(layer_name), int8)
+        floats = {n: copy.deepcopy(as_linear(pl_module.get_submodule(n))) for n in frozen}
+        report = quantize_frozen_base(pl_module, bits=8)
+        for layer_name in report.converted:
+            similarity = gradient_check(floats[layer_name], pl_module.get_submodule(layer_name))
             if similarity < 0.99:
                 raise RuntimeError(
                     f"DynamicQuantCallback: gradients through the int8 {layer_name!r} differ from float "
                     f"(cosine {similarity:.3f}); not training on it"
                 )
-            pl_module.set_submodule(layer_name, int8)
-        self.frozen = frozen
-        rank_zero_info(f"DynamicQuantCallback: {len(frozen)} frozen Linear layers are int8 ({name}); gradients checked")
+        self.frozen = report.converted
+        rank_zero_info(
+            f"DynamicQuantCallback: {len(self.frozen)} frozen Linear layers are int8 (torchao_weight_only); "
+            "gradients checked"
+        )
 
 
 def _evaluate(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:

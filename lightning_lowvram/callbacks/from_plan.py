@@ -6,7 +6,7 @@ from typing import Any
 
 from lightning_lowvram.callbacks.activation_checkpointing import ActivationCheckpointingCallback
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
-from lightning_lowvram.callbacks.dynamic_quant import DynamicQuantCallback
+from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
 from lightning_lowvram.callbacks.optimizer_8bit import EightBitOptimizerCallback
 from lightning_lowvram.planner.search import Plan
 
@@ -33,5 +33,5 @@ def plan_callbacks(plan: Plan) -> list[Any]:
     if plan.chosen.optimizer_8bit:
         out.append(EightBitOptimizerCallback())
     if plan.chosen.int8_base:
-        out.append(DynamicQuantCallback(stages=[], freeze_base=True))
+        out.append(LowBitBaseCallback(bits=8))
     return out

@@ -95,7 +95,7 @@ class Plan:
         return (
             f"nothing fits: the smallest predicted tensor peak is {format_bytes(tensor_peak(smallest))} "
             f"({smallest.label}) against {format_bytes(self.budget)}; it needs a card with {need} for tensors, "
-            "or fewer parameters (PruningCallback) or an int8 frozen base (DynamicQuantCallback(freeze_base=True))"
+            "or fewer parameters (PruningCallback) or a low-bit frozen base (LowBitBaseCallback)"
         )
 
     def trainer_kwargs(self) -> dict[str, Any]:
@@ -110,12 +110,12 @@ class Plan:
         nodes += ["lowvram_auto_micro_batch"] if self.chosen.micro_batch_size < self.batch_size else []
         nodes += ["lowvram_activation_checkpointing"] if self.chosen.activation_checkpointing else []
         nodes += ["lowvram_optimizer_8bit"] if self.chosen.optimizer_8bit else []
-        nodes += ["lowvram_dynamic_quant"] if self.chosen.int8_base else []
+        nodes += ["lowvram_low_bit_base"] if self.chosen.int8_base else []
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
         if "lowvram_auto_micro_batch" in nodes:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
         if self.chosen.int8_base:
-            out += ["callbacks.lowvram_dynamic_quant.freeze_base=true", "callbacks.lowvram_dynamic_quant.stages=[]"]
+            out += ["callbacks.lowvram_low_bit_base.bits=8"]
         return out
 
 
@@ -141,7 +141,7 @@ def plan(
         gpu: A card profile or its name.
         margin: Fraction of the card's tensor memory kept free.
         allow_int8_base: Frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
-            ``DynamicQuantCallback(freeze_base=True)`` does; off by default because it changes the base's numerics.
+            ``LowBitBaseCallback(bits=8)`` does; off by default because it changes the base's numerics.
         precisions: Precisions to consider; default float32 and the card's mixed precision (bf16, else fp16). Pass
             ``("32-true",)`` when you need float32 numerics.
 

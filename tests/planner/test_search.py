@@ -95,7 +95,7 @@ def test_when_optimizer_state_dominates_the_plan_takes_8bit_state():
 
 @pytest.mark.usefixtures("no_cublas_workspace")
 def test_an_int8_frozen_base_only_when_allowed():
-    from lightning_lowvram import DynamicQuantCallback
+    from lightning_lowvram import LowBitBaseCallback
     from tests.callbacks.test_dynamic_quant import FrozenBase
 
     batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
@@ -105,4 +105,4 @@ def test_an_int8_frozen_base_only_when_allowed():
     assert plan(model, batch, card).chosen is None
     allowed = plan(model, batch, card, allow_int8_base=True)
     assert allowed.chosen is not None and allowed.chosen.int8_base
-    assert any(isinstance(c, DynamicQuantCallback) and c.freeze_base for c in plan_callbacks(allowed))
+    assert any(isinstance(c, LowBitBaseCallback) and c.bits == 8 for c in plan_callbacks(allowed))
