@@ -160,8 +160,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     chosen = None
     auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
     if cfg.command == "plan" or auto:
-        margin, allow_int8 = cfg.strategy.get("margin", 0.1), cfg.strategy.get("allow_int8_base", False)
-        chosen = _plan(cfg, model, data, profile, margin, allow_int8)
+        chosen = _plan(cfg, model, data, profile)
         if cfg.command == "fit":
             if chosen.chosen is None:
                 raise NothingFits(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
@@ -195,9 +194,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _plan(
-    cfg: DictConfig, model: L.LightningModule, data: Any, profile: GPUProfile, margin: Any, allow_int8_base: Any
-) -> Any:
+def _plan(cfg: DictConfig, model: L.LightningModule, data: Any, profile: GPUProfile) -> Any:
     from lightning_lowvram.planner import plan
 
     if profile.usable_bytes is None:
@@ -205,7 +202,8 @@ def _plan(
     if not isinstance(data, L.LightningDataModule):
         raise ConfigError("data._target_", cfg.data._target_, "planning needs a LightningDataModule (its first batch)")
     try:
-        return plan(model, _first_batch(data), profile, margin=margin, allow_int8_base=allow_int8_base)
+        options = {k: cfg.strategy.get(k, d) for k, d in _AUTO_OPTIONS.items()}
+        return plan(model, _first_batch(data), profile, **options)
     except ValueError as err:
         raise _blame(cfg.strategy, "strategy", str(err).splitlines()[0]) from err
 
@@ -252,22 +250,27 @@ def _ckpt_path(cfg: DictConfig) -> str | None:
     return str(_last_checkpoint()) if ckpt == "last" else ckpt
 
 
+# strategy=auto's own keys (the planner's arguments) and their defaults
+_AUTO_OPTIONS = {"margin": 0.1, "allow_int8_base": False, "allow_low_bit_base": False}
+
+
 def _check_strategy_keys(cfg: DictConfig) -> None:
     auto = cfg.strategy.get("name") == "auto"
     for key, value in cfg.strategy.items():
         if isinstance(value, DictConfig) and "_target_" in value:
             continue
-        allowed = ["name", "margin", "allow_int8_base"] if auto else ["name"]
+        allowed = ["name", *_AUTO_OPTIONS] if auto else ["name"]
         if key not in allowed:
             takes = ", ".join([*allowed, *(k for k, v in cfg.strategy.items() if isinstance(v, DictConfig))])
             reason = f"unknown key for strategy={cfg.strategy.name}; it takes {takes}"
             raise ConfigError(f"strategy.{key}", value, reason)
     if auto:
-        margin, allow = cfg.strategy.get("margin", 0.1), cfg.strategy.get("allow_int8_base", False)
+        margin = cfg.strategy.get("margin", 0.1)
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
             raise ConfigError("strategy.margin", margin, "must be a number in [0, 1) (a fraction of the card)")
-        if not isinstance(allow, bool):
-            raise ConfigError("strategy.allow_int8_base", allow, "must be true or false")
+        for key in ("allow_int8_base", "allow_low_bit_base"):
+            if not isinstance(cfg.strategy.get(key, False), bool):
+                raise ConfigError(f"strategy.{key}", cfg.strategy.get(key), "must be true or false")
 
 
 def _check_batch(cfg: DictConfig, model: L.LightningModule, data: L.LightningDataModule) -> None:

@@ -92,8 +92,9 @@ def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch
         raise ValueError("strategy=auto: lowvram_setup(cfg, model=..., batch=...) needs the model and a training batch")
     from lightning_lowvram.planner import plan
 
-    chosen = plan(model, batch, profile, margin=strategy.get("margin", 0.1),
-                  allow_int8_base=strategy.get("allow_int8_base", False))  # fmt: skip
+    options = {k: strategy.get(k, d) for k, d in (("margin", 0.1), ("allow_int8_base", False),
+                                                   ("allow_low_bit_base", False))}  # fmt: skip
+    chosen = plan(model, batch, profile, **options)
     if chosen.chosen is None:
         raise ValueError(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
     return LowVRAMSetup(profile, [*callbacks, *plan_callbacks(chosen)], chosen.trainer_kwargs(), chosen)

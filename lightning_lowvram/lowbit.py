@@ -19,7 +19,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_lowvram.quantization import as_linear, is_linear, linear_bytes, quantize_dynamic_int8, tied_layers
+from lightning_lowvram.quantization import (
+    as_linear,
+    is_conv1d,
+    is_linear,
+    linear_bytes,
+    quantize_dynamic_int8,
+    tied_layers,
+)
 
 Bits = Literal[4, 8]
 # Values per NF4 absmax block and scales per double-quantization block: QLoRA's (Dettmers et al. 2023, section 3)
@@ -182,3 +189,39 @@ def unpack_low_bit(state_dict: dict[str, Any]) -> dict[str, Any]:
                 "tensor_meta": args}  # fmt: skip
         out[key] = NF4Tensor.__tensor_unflatten__(parts, meta, size, stride)
     return out
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes torchao's ``NF4Tensor`` holds for a weight of ``numel`` values (a multiple of 64 x 256).
+
+    Packed 4-bit data (numel / 2), one int8 scale per block of 64, one float32 factor per 256 scales, a float32 scale
+    mean and the 16-entry float32 NF4 table (``tests/test_lowbit.py`` checks it against the tensors).
+
+    Example:
+        >>> nf4_bytes(256 * 256)
+        33876
+
+    """
+    blocks = numel // NF4_BLOCK_SIZE
+    return numel // 2 + blocks + 4 * (blocks // NF4_SCALER_BLOCK_SIZE) + 4 + 16 * 4
+
+
+def low_bit_saving(module: nn.Module, bits: Bits) -> tuple[int, int]:
+    """``(bytes saved, largest float weight)`` if ``quantize_frozen_base(module, bits)`` ran, without running it.
+
+    The same layers are converted (frozen, untied, NF4-blockable for 4 bits); 4 bits counted with :func:`nf4_bytes`,
+    8 bits as torchao 0.18's int8 weight-only layout: int8 weights, a float32 scale and an int8 zero point per output
+    row (both checked against converted layers by ``tests/test_lowbit.py``). The largest float weight is the
+    transient a layer's on-the-fly dequantization holds (what a planner adds back at the peak).
+    """
+    tied = set(tied_layers(module))
+    saved, largest = 0, 0
+    for name in frozen_linear_layers(module):
+        weight = module.get_submodule(name).weight
+        if name in tied or (bits == 4 and weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE)):
+            continue
+        rows = weight.shape[1] if is_conv1d(module.get_submodule(name)) else weight.shape[0]
+        low = nf4_bytes(weight.numel()) if bits == 4 else weight.numel() + 5 * rows
+        saved += weight.numel() * weight.element_size() - low
+        largest = max(largest, weight.numel() * weight.element_size())
+    return saved, largest

@@ -255,6 +255,7 @@ BAD_OVERRIDES = [
     ("strategy=quant strategy.quant.freeze_base=yes", "strategy.quant.freeze_base=yes"),
     ("strategy=auto strategy.margin=2", "strategy.margin=2"),
     ("strategy=auto strategy.allow_int8_base=sure", "strategy.allow_int8_base=sure"),
+    ("strategy=auto strategy.allow_low_bit_base=1", "strategy.allow_low_bit_base=1"),
     ("strategy=none +strategy.foo=1", "strategy.foo=1"),
     ("+data.batch_size=0", "data.batch_size=0"),
     ("+data.num_workers=2", "data.num_workers=2"),

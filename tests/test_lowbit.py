@@ -68,3 +68,14 @@ def test_bad_input_is_named():
     assert report.converted == ["2"] and "not a multiple of 64 x 256" in report.kept["0"] and "1" in report.kept
     copied = copy.deepcopy(odd)  # torchao re-blocks copies at 64 x 256: what the size rule keeps possible
     assert frozen_linear_layers(copied) == ["0", "1", "2"] and low_bit_layers(copied) == ["2"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_modelled_saving_is_the_converted_bytes(bits):
+    from lightning_lowvram.lowbit import low_bit_saving
+
+    model = Adapted()
+    saved, largest = low_bit_saving(model, bits)
+    report = quantize_frozen_base(model, bits)
+    assert largest == 512 * 256 * 4
+    assert saved == report.bytes_before - report.bytes_after  # byte for byte, as the planner subtracts it

@@ -32,6 +32,6 @@ def plan_callbacks(plan: Plan) -> list[Any]:
         out.append(ActivationCheckpointingCallback())
     if plan.chosen.optimizer_8bit:
         out.append(EightBitOptimizerCallback())
-    if plan.chosen.int8_base:
-        out.append(LowBitBaseCallback(bits=8))
+    if plan.chosen.base_bits:
+        out.append(LowBitBaseCallback(bits=plan.chosen.base_bits))
     return out

@@ -31,6 +31,8 @@ from lightning_lowvram.planner.estimate import (
 )
 from lightning_lowvram.planner.timing import rates_of
 
+Saving = tuple[int, int]  # (bytes a low-bit frozen base saves, its largest layer's float weight)
+
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
@@ -40,17 +42,22 @@ class Candidate:
     micro_batch_size: int
     activation_checkpointing: bool
     optimizer_8bit: bool
-    int8_base: bool
+    base_bits: int  # 0: the frozen base as it is; 8 or 4: stored in that many bits (LowBitBaseCallback)
     estimate: MemoryEstimate
     fits: bool
     step_time: float  # predicted seconds per optimizer step on the card
     traced: bool = True  # traced at this micro-batch size (else extrapolated from sizes 1 and 2)
 
     @property
+    def int8_base(self) -> bool:
+        """The frozen base in int8 (``base_bits == 8``)."""
+        return self.base_bits == 8
+
+    @property
     def label(self) -> str:
         parts = [self.precision, f"micro-batch {self.micro_batch_size}"]
         parts += ["8-bit optimizer"] if self.optimizer_8bit else []
-        parts += ["int8 frozen base"] if self.int8_base else []
+        parts += [{8: "int8 frozen base", 4: "NF4 frozen base"}[self.base_bits]] if self.base_bits else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
         return ", ".join(parts)
 
@@ -110,12 +117,12 @@ class Plan:
         nodes += ["lowvram_auto_micro_batch"] if self.chosen.micro_batch_size < self.batch_size else []
         nodes += ["lowvram_activation_checkpointing"] if self.chosen.activation_checkpointing else []
         nodes += ["lowvram_optimizer_8bit"] if self.chosen.optimizer_8bit else []
-        nodes += ["lowvram_low_bit_base"] if self.chosen.int8_base else []
+        nodes += ["lowvram_low_bit_base"] if self.chosen.base_bits else []
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
         if "lowvram_auto_micro_batch" in nodes:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
-        if self.chosen.int8_base:
-            out += ["callbacks.lowvram_low_bit_base.bits=8"]
+        if self.chosen.base_bits:
+            out += [f"callbacks.lowvram_low_bit_base.bits={self.chosen.base_bits}"]
         return out
 
 
@@ -131,6 +138,7 @@ def plan(
     *,
     margin: float = 0.1,
     allow_int8_base: bool = False,
+    allow_low_bit_base: bool = False,
     precisions: tuple[str, ...] | list[str] | None = None,
 ) -> Plan:
     """Choose the fastest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
@@ -142,6 +150,9 @@ def plan(
         margin: Fraction of the card's tensor memory kept free.
         allow_int8_base: Frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
             ``LowBitBaseCallback(bits=8)`` does; off by default because it changes the base's numerics.
+        allow_low_bit_base: Frozen Linear layers may be stored in 8 or 4 bits (NF4), as ``LowBitBaseCallback`` does;
+            the bytes are modelled (``lowbit.low_bit_saving``, byte for byte), plus the largest layer's float weight
+            that dequantization holds while it runs; the step time is the float base's (not modelled).
         precisions: Precisions to consider; default float32 and the card's mixed precision (bf16, else fp16). Pass
             ``("32-true",)`` when you need float32 numerics.
 
@@ -172,21 +183,24 @@ def plan(
         raise ValueError(f"precisions: {unknown[0]!r} is not one of {', '.join(map(repr, PRECISIONS))}")
     budget = int(profile.usable_bytes * (1.0 - margin))  # for tensors: the card minus its context, capped by free
     n = batch_size_of(batch)
-    base_saving = _int8_base_saving(module) if allow_int8_base else 0
-    search = _Search(module, batch, profile, budget, n, base_saving)
+    allowed = [8] if allow_int8_base else []
+    allowed = [8, 4] if allow_low_bit_base else allowed
+    savings = {bits: _base_saving(module, bits) for bits in allowed}
+    savings = {bits: saving for bits, saving in savings.items() if saving[0] > 0}
+    search = _Search(module, batch, profile, budget, n, savings)
     checkpointing = [False, True] if _has_blocks(module) else [False]
     eight_bit = [False, True] if adam_optimizer(module) is not None else [False]
-    int8_base = [False, True] if base_saving > 0 else [False]
+    base_bits = [0, *savings]
     sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
 
-    plain = search.extrapolated("32-true" if "32-true" in precisions else precisions[0], n, False, False, False)
+    plain = search.extrapolated("32-true" if "32-true" in precisions else precisions[0], n, False, False, 0)
     candidates, skipped = [plain], []
     for ckpt in checkpointing:  # without checkpointing first: it bounds what checkpointing could win
         for precision in precisions:
             if ckpt and _cannot_win(search, candidates, precision, n):
                 skipped.append(f"{precision}, checkpointing")
                 continue
-            for optim8, base8 in itertools.product(eight_bit, int8_base):
+            for optim8, base8 in itertools.product(eight_bit, base_bits):
                 options = [search.extrapolated(precision, m, ckpt, optim8, base8) for m in sizes]
                 fitting = [c for c in options if c.fits]
                 candidates.append(fitting[0] if fitting else options[-1])  # the largest that fits, else the smallest
@@ -216,7 +230,7 @@ def _rank(c: Candidate) -> tuple[float, int, int]:
     Modelled variants (8-bit state, int8 base) take the float step's time, so they tie with it: the setting that
     changes less of the user's setup wins the tie.
     """
-    changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit + c.int8_base
+    changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit + bool(c.base_bits)
     return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
 
 
@@ -226,15 +240,23 @@ def _cannot_win(search: _Search, candidates: list[Candidate], precision: str, n:
     Checkpointing only adds work per sample: at best it matches the step without it at the whole batch.
     """
     best = min((c.step_time for c in candidates if c.fits), default=math.inf)
-    return best <= search.extrapolated(precision, n, False, False, False).step_time
+    return best <= search.extrapolated(precision, n, False, False, 0).step_time
 
 
 class _Search:
     """Traces (cached) and the extrapolation from micro-batches of 1 and 2 to any size."""
 
-    def __init__(self, module: nn.Module, batch: Any, profile: GPUProfile, budget: int, n: int, saving: int) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        batch: Any,
+        profile: GPUProfile,
+        budget: int,
+        n: int,
+        savings: dict[int, tuple[int, int]],
+    ) -> None:
         self.module, self.batch, self.profile, self.budget, self.n = module, batch, profile, budget, n
-        self.saving = saving  # bytes an int8 frozen base saves
+        self.savings = savings  # bits -> (bytes a low-bit frozen base saves, the dequantization transient)
         self.cache: dict[tuple[str, int, bool], MemoryEstimate] = {}
 
     def trace(self, precision: str, micro: int, ckpt: bool) -> MemoryEstimate:
@@ -247,27 +269,29 @@ class _Search:
         return self.cache[key]
 
     @staticmethod
-    def key(c: Candidate) -> tuple[str, int, bool, bool, bool]:
-        return c.precision, c.micro_batch_size, c.activation_checkpointing, c.optimizer_8bit, c.int8_base
+    def key(c: Candidate) -> tuple[str, int, bool, bool, int]:
+        return c.precision, c.micro_batch_size, c.activation_checkpointing, c.optimizer_8bit, c.base_bits
 
     def _candidate(
-        self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool, estimate: MemoryEstimate,
+        self, precision: str, micro: int, ckpt: bool, optim8: bool, base_bits: int, estimate: MemoryEstimate,
         seconds: float, traced: bool,
     ) -> Candidate:  # fmt: skip
         if optim8:
             estimate = with_8bit_optimizer(estimate, self.module)
-        if base8:
-            by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - self.saving}
-            estimate = dataclasses.replace(estimate, peak=estimate.peak - self.saving, by_category=by_category)
+        if base_bits:
+            saved, transient = self.savings[base_bits]
+            by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - saved}
+            by_category["temporaries"] = by_category.get("temporaries", 0) + transient  # a layer's dequantized weight
+            estimate = dataclasses.replace(estimate, peak=estimate.peak - saved + transient, by_category=by_category)
         fits = estimate.peak - estimate.allowance <= self.budget
-        return Candidate(precision, micro, ckpt, optim8, base8, estimate, fits, seconds, traced)
+        return Candidate(precision, micro, ckpt, optim8, base_bits, estimate, fits, seconds, traced)
 
-    def traced(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool) -> Candidate:
+    def traced(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int) -> Candidate:
         estimate = self.trace(precision, micro, ckpt)
         seconds = estimate.work.seconds(self.profile, math.ceil(self.n / micro))
         return self._candidate(precision, micro, ckpt, optim8, base8, estimate, seconds, True)
 
-    def extrapolated(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: bool) -> Candidate:
+    def extrapolated(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int) -> Candidate:
         if (precision, micro, ckpt) in self.cache or micro <= 2:
             return self.traced(precision, micro, ckpt, optim8, base8)
         one, two = self.trace(precision, 1, ckpt), self.trace(precision, min(2, self.n), ckpt)
@@ -294,16 +318,11 @@ class _Search:
         return self._candidate(precision, micro, ckpt, optim8, base8, estimate, seconds, False)
 
 
-def _int8_base_saving(module: nn.Module) -> int:
-    """Bytes saved by storing the frozen Linear layers int8 weight-only (measured on a quantized copy of them)."""
-    from lightning_lowvram.quantization import is_linear, linear_bytes, quantize_dynamic_int8
+def _base_saving(module: nn.Module, bits: int) -> tuple[int, int]:
+    """Bytes a ``bits``-bit frozen base saves, and the largest layer's float weight (modelled: ``low_bit_saving``)."""
+    from lightning_lowvram.lowbit import low_bit_saving
 
-    frozen = [m for m in module.modules() if is_linear(m) and not any(p.requires_grad for p in m.parameters())]
-    if not frozen:
-        return 0
-    box = nn.ModuleList(frozen)
-    int8 = quantize_dynamic_int8(box, "torchao_weight_only", device="cpu")
-    return linear_bytes(box) - linear_bytes(int8)
+    return low_bit_saving(module, bits)  # type: ignore[arg-type]
 
 
 def _has_blocks(module: nn.Module) -> bool:

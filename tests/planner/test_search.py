@@ -1,11 +1,14 @@
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lightning_lowvram import GPUProfile, format_bytes, memory_budget, plan_callbacks
 from lightning_lowvram.demo import DigitsMLP, TinyGPT, TinyTextDataModule
 from lightning_lowvram.planner import estimate_step_memory, plan
 from lightning_lowvram.planner.chart import chart
+from lightning_lowvram.planner.search import tensor_peak
 from tests.helpers import quiet_trainer
 
 
@@ -93,16 +96,40 @@ def test_when_optimizer_state_dominates_the_plan_takes_8bit_state():
     assert "lowvram_optimizer_8bit" in result.overrides()[1]
 
 
+class DeepFrozen(L.LightningModule):
+    """Eight frozen 512 x 512 layers (a 'pretrained' base, whole NF4 blocks) under a trainable adapter and head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.adapter, self.head = nn.Linear(64, 512), nn.Linear(512, 10)
+        self.base = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.head(self.base(self.adapter(batch[0]))), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
 @pytest.mark.usefixtures("no_cublas_workspace")
-def test_an_int8_frozen_base_only_when_allowed():
+def test_a_low_bit_frozen_base_only_when_allowed_and_nf4_when_int8_is_not_enough():
     from lightning_lowvram import LowBitBaseCallback
-    from tests.callbacks.test_dynamic_quant import FrozenBase
+    from lightning_lowvram.lowbit import low_bit_saving
 
     batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
-    model = FrozenBase()
-    plain = estimate_step_memory(model, batch, device="cuda")
-    card = _card(plain.peak / 2**30)  # with the 10 % margin, the plain step does not fit; micro-batches cannot help
+    model = DeepFrozen()
+    plain = estimate_step_memory(model, batch, device="cuda").peak
+    (int8, transient), (nf4, _) = low_bit_saving(model, 8), low_bit_saving(model, 4)
+    between = plain - (int8 + nf4) / 2 + transient  # an int8 base does not fit, an NF4 one does
+    card = _card(between / 0.9 / 2**30)
     assert plan(model, batch, card).chosen is None
-    allowed = plan(model, batch, card, allow_int8_base=True)
-    assert allowed.chosen is not None and allowed.chosen.int8_base
-    assert any(isinstance(c, LowBitBaseCallback) and c.bits == 8 for c in plan_callbacks(allowed))
+    assert plan(model, batch, card, allow_int8_base=True).chosen is None
+    allowed = plan(model, batch, card, allow_low_bit_base=True)
+    assert allowed.chosen is not None and allowed.chosen.base_bits == 4 and "NF4 frozen base" in allowed.chosen.label
+    # byte for byte: the float base's parameters less what NF4 saves, plus one layer's dequantized weight
+    assert tensor_peak(allowed.chosen) == plain - nf4 + transient
+    assert any(isinstance(c, LowBitBaseCallback) and c.bits == 4 for c in plan_callbacks(allowed))
+    assert "callbacks.lowvram_low_bit_base.bits=4" in allowed.overrides()
+    roomier = plan(model, batch, _card((plain - int8 / 2 + transient) / 0.9 / 2**30), allow_int8_base=True)
+    assert roomier.chosen is not None and roomier.chosen.int8_base
