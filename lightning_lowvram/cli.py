@@ -139,6 +139,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     _check_top_level(cfg)
+    L.seed_everything(cfg.seed, workers=True)  # the model is built seeded
     try:
         profile = GPUProfile.from_config(OmegaConf.to_container(cfg.gpu, resolve=True))
     except (TypeError, ValueError) as err:
@@ -149,8 +150,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if not is_overridden("training_step", model, L.LightningModule):
         raise ConfigError("model._target_", cfg.model._target_, "has no training_step: `lowvram fit` cannot train it")
     data = _instantiate(cfg.data, "data")
-    if isinstance(data, L.LightningDataModule):
-        _check_batch(cfg, model, data)
+    batch = _first_batch(data) if isinstance(data, L.LightningDataModule) else None  # for the check and the plan
+    if batch is not None:
+        _check_batch(cfg, model, batch)
     _check_strategy_keys(cfg)
     callbacks = {name: _instantiate(node, name) for name, node in callback_nodes(cfg)}
     for callback in callbacks.values():
@@ -160,7 +162,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     chosen = None
     auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
     if cfg.command == "plan" or auto:
-        chosen = _plan(cfg, model, data, profile)
+        chosen = _plan(cfg, model, batch, profile)
         if cfg.command == "fit":
             if chosen.chosen is None:
                 raise NothingFits(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
@@ -194,16 +196,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _plan(cfg: DictConfig, model: L.LightningModule, data: Any, profile: GPUProfile) -> Any:
+def _plan(cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile) -> Any:
     from lightning_lowvram.planner import plan
 
     if profile.usable_bytes is None:
         raise ConfigError("gpu", cfg.gpu.name, "has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
-    if not isinstance(data, L.LightningDataModule):
+    if batch is None:
         raise ConfigError("data._target_", cfg.data._target_, "planning needs a LightningDataModule (its first batch)")
     try:
         options = {k: cfg.strategy.get(k, d) for k, d in _AUTO_OPTIONS.items()}
-        return plan(model, _first_batch(data), profile, **options)
+        return plan(model, batch, profile, **options)
     except ValueError as err:
         raise _blame(cfg.strategy, "strategy", str(err).splitlines()[0]) from err
 
@@ -273,12 +275,12 @@ def _check_strategy_keys(cfg: DictConfig) -> None:
                 raise ConfigError(f"strategy.{key}", cfg.strategy.get(key), "must be true or false")
 
 
-def _check_batch(cfg: DictConfig, model: L.LightningModule, data: L.LightningDataModule) -> None:
+def _check_batch(cfg: DictConfig, model: L.LightningModule, batch: Any) -> None:
     """The model's training_step on the data's first batch, on fake tensors: a mismatch is named before training."""
     from lightning_lowvram.planner.estimate import check_batch
 
     try:
-        check_batch(model, _first_batch(data))
+        check_batch(model, batch)
     except ValueError as err:
         why = str(err).split(": ", 1)[-1]
         reason = f"its training_step does not take data={_choice(cfg, 'data')}'s batches: {why}"
@@ -317,8 +319,6 @@ def _gpu_memory(profile: GPUProfile, trainer: L.Trainer, emulate: bool) -> Itera
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.command`` (``fit`` or ``plan``) and return the summary as a dict (also printed)."""
-    _check_top_level(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     parts = build(cfg)
     if cfg.command == "plan":
         return _print_plan(parts["plan"])

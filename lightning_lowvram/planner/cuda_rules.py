@@ -397,8 +397,9 @@ def _round(n: int, multiple: int) -> int:
 # cuBLAS's workspace per handle and stream, allocated through the caching allocator on a handle's first GEMM and kept:
 # 32 MiB on compute capability 9.x, 10.x and 12.x, else ":4096:2:16:8" = 8 MiB + 128 KiB (PyTorch's
 # aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize; CUBLAS_WORKSPACE_CONFIG overrides it). A training
-# step has two: the forward's thread and the autograd engine's device thread each hold a handle. With them, HF GPT-2's
-# fp32 estimate meets the H200 measurement (issue 12: it was 66 MiB = 2 x 32 MiB + rounding low).
+# step has two, *inferred*, not measured directly: handles are per thread, and the forward's thread and the autograd
+# engine's device thread each run GEMMs. Consistent with the H200 measurement: HF GPT-2's fp32 estimate was 66 MiB
+# (2 x 32 MiB + rounding) low without them.
 _CUBLAS_GEMMS = frozenset({
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten._addmm_activation.default,
     _aten.addmv.default, _aten.mv.default, _aten.addbmm.default,

@@ -210,9 +210,7 @@ def check_batch(module: nn.Module, batch: Any) -> None:
 
     """
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False)
-    with torch._subclasses.fake_tensor.FakeCopyMode(mode):
-        copied = copy.deepcopy(module)
-    copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
+    copied = _detached_copy(module, mode)
     log = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a failing meta kernel's traceback
     level = log.level
     log.setLevel(logging.CRITICAL)
@@ -223,6 +221,14 @@ def check_batch(module: nn.Module, batch: Any) -> None:
         return
     finally:
         log.setLevel(level)
+
+
+def _detached_copy(module: nn.Module, mode: Any) -> nn.Module:
+    """A copy of ``module`` (on fake tensors when ``mode`` is a ``FakeTensorMode``) whose logging goes nowhere."""
+    with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
+        copied = copy.deepcopy(module)
+    copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
+    return copied
 
 
 _UNTRACEABLE = (
@@ -252,14 +258,12 @@ def _run(
     """
     cuda = capability is not None
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
-    with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
-        copied = copy.deepcopy(module)
+    copied = _detached_copy(module, mode)
     if precision == "bf16-true":
         copied = copied.to(torch.bfloat16)
     if activation_checkpointing:
         checkpoint_blocks(copied)
     copied.train()
-    copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
     inputs = tree_map_only(torch.Tensor, mode.from_tensor, batch) if mode else batch
     phases = dict.fromkeys(PHASES, 0)
     best = None  # the meter's stats at the highest peak of any phase
