@@ -155,6 +155,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         _check_batch(cfg, model, batch)
     _check_strategy_keys(cfg)
     callbacks = {name: _instantiate(node, name) for name, node in callback_nodes(cfg)}
+    _check_frozen_base(cfg, model, callbacks)
     for callback in callbacks.values():
         if hasattr(callback, "print_table"):
             callback.print_table = False  # the summary prints each table once
@@ -257,6 +258,15 @@ _AUTO_OPTIONS = {"margin": 0.1, "allow_int8_base": False, "allow_low_bit_base": 
 
 
 def _check_strategy_keys(cfg: DictConfig) -> None:
+    nodes = [k for k, v in cfg.strategy.items() if isinstance(v, DictConfig) and "_target_" in v]
+    auto_keys = [k for k in _AUTO_OPTIONS if k in cfg.strategy]
+    if (cfg.strategy.get("name") == "auto" and nodes) or (cfg.strategy.get("name") != "auto" and auto_keys):
+        given = next((o.partition("=")[2] for o in _user_overrides() if o.startswith("strategy=")), None)
+        reason = (
+            "auto stands alone: it picks its own mix (strategy.allow_low_bit_base=true lets it store a frozen base in "
+            "4 bits); combine the others, e.g. strategy=[lora_4bit,micro_batch,checkpointing]"
+        )
+        raise ConfigError("strategy", given or f"[auto, {', '.join(nodes)}]", reason)
     auto = cfg.strategy.get("name") == "auto"
     for key, value in cfg.strategy.items():
         if isinstance(value, DictConfig) and "_target_" in value:
@@ -273,6 +283,21 @@ def _check_strategy_keys(cfg: DictConfig) -> None:
         for key in ("allow_int8_base", "allow_low_bit_base"):
             if not isinstance(cfg.strategy.get(key, False), bool):
                 raise ConfigError(f"strategy.{key}", cfg.strategy.get(key), "must be true or false")
+
+
+def _check_frozen_base(cfg: DictConfig, model: L.LightningModule, callbacks: dict[str, Any]) -> None:
+    """A low-bit base needs frozen layers: a model without them is named before training, not in the callback."""
+    from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
+    from lightning_lowvram.lowbit import require_frozen_base
+
+    for name, callback in callbacks.items():
+        if isinstance(callback, LowBitBaseCallback):
+            try:
+                require_frozen_base(model, callback.bits)
+            except ValueError as err:
+                group = name.partition(".")[0]
+                hint = "; this model takes +model.lora_rank=8" if "lora_rank" in model.hparams else ""
+                raise ConfigError(group, _choice(cfg, group), f"model={_choice(cfg, 'model')}: {err}{hint}") from err
 
 
 def _check_batch(cfg: DictConfig, model: L.LightningModule, batch: Any) -> None:
@@ -465,7 +490,16 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 # Lightning's informational lines the CLI drops (its summary says what matters); the library leaves them alone
-_NOISE = ("GPU available", "TPU available", "HPU available", "Seed set to", "💡 Tip", "`Trainer.fit` stopped")
+_NOISE = (
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "Seed set to",
+    "💡 Tip",
+    "`Trainer.fit` stopped",
+    "LowBitBaseCallback: ",
+    "ActivationCheckpointingCallback: ",
+)  # these two: the summary's strategies line
 _NOISY_WARNINGS = (
     r"`\.fit\(ckpt_path=None\)` was called",  # OnExceptionCheckpoint makes Lightning look for a checkpoint to resume
     r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint",

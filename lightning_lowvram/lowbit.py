@@ -6,8 +6,10 @@ frozen layers to the adapters and inputs.
 
 - ``bits=4``: torchao's ``NF4Tensor`` (``torchao.quantization.quantize_.workflows.nf4``): blocks of
   ``NF4_BLOCK_SIZE`` weights share an absmax scale, and the scales are themselves quantized in blocks (QLoRA's double
-  quantization, Dettmers et al. 2023). ``F.linear`` dequantizes on the fly, forward and backward, on CPU and CUDA.
-  About 0.13x of the float32 bytes (4.25 bits per weight at block 64; measured by ``tests/test_lowbit.py``).
+  quantization, Dettmers et al. 2023). About 0.13x of the float32 bytes (4.25 bits per weight at block 64; measured
+  by ``tests/test_lowbit.py``). The layer becomes an :class:`NF4Linear`, which dequantizes on the fly, forward and
+  backward, in slices straight into the compute dtype: it holds one weight's worth in that dtype (torchao's own
+  ``F.linear`` holds 20 bytes a float32 weight at once; the result is the same to the bit).
 - ``bits=8``: torchao's int8 weight-only layers (``DynamicQuantCallback(freeze_base=True)``, deprecated, calls this).
 """
 
@@ -62,7 +64,7 @@ class LowBitReport:
 
 
 def frozen_linear_layers(module: nn.Module) -> list[str]:
-    """Names of the Linear / ``Conv1D`` layers none of whose parameters trains.
+    """Names of the float Linear / ``Conv1D`` layers none of whose parameters trains (low-bit ones are not listed).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
@@ -76,6 +78,24 @@ def frozen_linear_layers(module: nn.Module) -> list[str]:
         for name, m in module.named_modules()
         if is_linear(m) and not any(p.requires_grad for p in m.parameters(recurse=False))
     ]
+
+
+def require_frozen_base(module: nn.Module, bits: Bits) -> list[str]:
+    """The frozen Linear / ``Conv1D`` layers ``quantize_frozen_base`` would store in ``bits`` bits; refuses none.
+
+    Raises:
+        ValueError: ``bits`` other than 4 or 8, or no frozen Linear / ``Conv1D`` layer.
+
+    """
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    names = frozen_linear_layers(module)
+    if not names and not low_bit_layers(module):  # a base already low-bit (a second stage) has nothing left to do
+        raise ValueError(
+            f"{type(module).__name__} has no frozen Linear/Conv1D layer to store in {bits} bits: freeze the base "
+            "first (requires_grad_(False)) or wrap it with adapters (peft's get_peft_model)"
+        )
+    return names
 
 
 def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
@@ -99,14 +119,7 @@ def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
         (['0'], 0.13, 'NF4Tensor')
 
     """
-    if bits not in (4, 8) or isinstance(bits, bool):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    names = frozen_linear_layers(module)
-    if not names:
-        raise ValueError(
-            f"{type(module).__name__} has no frozen Linear/Conv1D layer to store in {bits} bits: freeze the base "
-            "first (requires_grad_(False)) or wrap it with adapters (peft's get_peft_model)"
-        )
+    names = require_frozen_base(module, bits)
     kept: dict[str, str] = {}
     converted: list[str] = []
     before = linear_bytes(module, names)
@@ -126,7 +139,7 @@ def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
                 continue
             from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-            layer.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE), requires_grad=False)
+            layer = NF4Linear.from_linear(layer, to_nf4)
         else:
             box = nn.ModuleList([layer])
             quantize_dynamic_int8(box, "torchao_weight_only", device=layer.weight.device, inplace=True)
@@ -135,6 +148,80 @@ def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
         converted.append(name)
     before = before - linear_bytes(module, kept) if kept else before
     return LowBitReport(bits, converted, kept, before, linear_bytes(module, converted))
+
+
+# Weight pairs dequantized at a time: a sixteenth of the layer, between 2**12 and 2**18 pairs (a multiple of every
+# block). The scratch stays under 1 byte a weight and 6.5 MiB; a large layer takes at most a few hundred slices.
+_SLICES, _SLICE_MIN, _SLICE_MAX = 16, 2**12, 2**18
+
+
+def _slice_pairs(pairs: int) -> int:
+    return min(max(pairs // _SLICES // _SLICE_MIN * _SLICE_MIN, _SLICE_MIN), _SLICE_MAX)
+
+
+def nf4_dequantize(weight: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight torchao's ``NF4Tensor.get_original_weight()`` gives, cast to ``dtype``, without its scratch.
+
+    The same operations in the same dtype, slice by slice into one preallocated tensor: equal to the bit, and the only
+    buffer of the weight's size is the result (``dequant_bytes``).
+    """
+    out = torch.empty(weight.numel(), dtype=dtype or weight.dtype, device=weight.quantized_data.device)
+    pairs = out.view(-1, 2)  # torchao packs weights 2i (high nibble) and 2i + 1 (low nibble) in byte i
+    scalers = (
+        weight.quantized_scalers.view(-1, weight.scaler_block_size) / weight.quantization_factor.unsqueeze(-1)
+    ).flatten().to(weight.dtype) + weight.scaler_mean  # fmt: skip
+    per_block = weight.block_size // 2  # bytes that share a scaler
+    table, step = weight.nf4, _slice_pairs(weight.quantized_data.numel())
+    for start in range(0, weight.quantized_data.numel(), step):
+        packed = weight.quantized_data[start : start + step]
+        scale = scalers[start // per_block : (start + packed.numel()) // per_block].repeat_interleave(per_block)
+        pairs[start : start + packed.numel(), 0] = table[(packed >> 4).to(torch.long)] * scale
+        pairs[start : start + packed.numel(), 1] = table[(packed & 0b1111).to(torch.long)] * scale
+    return out.view(weight.shape)
+
+
+class _NF4LinearFunction(torch.autograd.Function):
+    """``x @ W.T + b`` with ``W`` dequantized in forward and again in backward (nothing of its size is kept)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # a frozen parameter: no gradient, no version to check
+        w = nf4_dequantize(weight, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad @ nf4_dequantize(ctx.weight, grad.dtype), None, None
+
+
+class NF4Linear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is torchao's ``NF4Tensor``, dequantized in slices as it runs.
+
+    Parameter names, the state dict and ``isinstance(layer, nn.Linear)`` are those of the layer it replaces.
+
+    Example:
+        >>> from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        >>> layer = NF4Linear.from_linear(nn.Linear(256, 64).requires_grad_(False), to_nf4)
+        >>> layer(torch.ones(2, 256)).shape
+        torch.Size([2, 64])
+
+    """
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, to_nf4: Any) -> NF4Linear:
+        """The layer with its weight in NF4 (``to_nf4``: torchao's converter); no float weight is allocated."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        weight = to_nf4(layer.weight.detach(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+        new.weight = nn.Parameter(weight, requires_grad=False)
+        new.bias = layer.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if torch.is_autocast_enabled(x.device.type):  # dequantize into the autocast dtype: no second cast copy
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _NF4LinearFunction.apply(x, self.weight, self.bias)
 
 
 def low_bit_layers(module: nn.Module) -> list[str]:
@@ -206,13 +293,34 @@ def nf4_bytes(numel: int) -> int:
     return numel // 2 + blocks + 4 * (blocks // NF4_SCALER_BLOCK_SIZE) + 4 + 16 * 4
 
 
+def dequant_bytes(numel: int, element_size: int, bits: Bits, rows: int = 0) -> int:
+    """Bytes a layer's on-the-fly dequantization holds at once, in forward and in backward (the safe side).
+
+    Measured with the project's tracker (``tests/test_lowbit.py`` checks it for float32, bfloat16 and float16
+    weights): int8 weight-only (torchao 0.18) holds one copy of the weight in its dtype and its ``rows`` scales and
+    zero points in float32 (8 bytes a row, and a few scalars); :class:`NF4Linear` the
+    weight in its dtype (under autocast, the smaller autocast dtype), its scalers (one per 64 weights) and one
+    slice's scratch (26 bytes a pair of weights, the safe side). torchao's own NF4 ``F.linear`` would hold 20 bytes
+    a float32 weight. The same operations run on CUDA (unverified there: no GPU measurement yet).
+
+    Example:
+        >>> dequant_bytes(2**20, 4, bits=4), dequant_bytes(2**20, 4, bits=8, rows=1024)
+        (5111808, 4202560)
+
+    """
+    if bits == 8:
+        return numel * element_size + 8 * rows + 64  # and a few scalars
+    scratch = min(numel // 2, _slice_pairs(numel // 2)) * 26
+    return numel * element_size + numel // NF4_BLOCK_SIZE * element_size + scratch
+
+
 def low_bit_saving(module: nn.Module, bits: Bits) -> tuple[int, int]:
-    """``(bytes saved, largest float weight)`` if ``quantize_frozen_base(module, bits)`` ran, without running it.
+    """``(bytes saved, dequantization transient)`` if ``quantize_frozen_base(module, bits)`` ran, without running it.
 
     The same layers are converted (frozen, untied, NF4-blockable for 4 bits); 4 bits counted with :func:`nf4_bytes`,
     8 bits as torchao 0.18's int8 weight-only layout: int8 weights, a float32 scale and an int8 zero point per output
-    row (both checked against converted layers by ``tests/test_lowbit.py``). The largest float weight is the
-    transient a layer's on-the-fly dequantization holds (what a planner adds back at the peak).
+    row (both checked against converted layers by ``tests/test_lowbit.py``). The transient is the largest layer's
+    :func:`dequant_bytes`: what a planner adds back at the peak.
     """
     tied = set(tied_layers(module))
     saved, largest = 0, 0
@@ -223,5 +331,5 @@ def low_bit_saving(module: nn.Module, bits: Bits) -> tuple[int, int]:
         rows = weight.shape[1] if is_conv1d(module.get_submodule(name)) else weight.shape[0]
         low = nf4_bytes(weight.numel()) if bits == 4 else weight.numel() + 5 * rows
         saved += weight.numel() * weight.element_size() - low
-        largest = max(largest, weight.numel() * weight.element_size())
+        largest = max(largest, dequant_bytes(weight.numel(), weight.element_size(), bits, rows))
     return saved, largest

@@ -115,16 +115,36 @@ def _options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+# a strategy that needs a model of a kind: the demo GPT with LoRA adapters for the low-bit base
+NEEDS = {"lora_4bit": ["model=tiny_gpt", "data=tiny_text", "+model.lora_rank=8", "+model.n_layer=1"]}
+
+
 @pytest.mark.parametrize("strategy", _options("strategy"))
 @pytest.mark.parametrize("gpu", _options("gpu"))
 def test_every_gpu_and_strategy_composes_and_builds(gpu, strategy, tmp_path):
-    cfg = _cfg(f"gpu={gpu}", f"strategy={strategy}", f"trainer.default_root_dir={tmp_path}")
+    cfg = _cfg(f"gpu={gpu}", f"strategy={strategy}", f"trainer.default_root_dir={tmp_path}", *NEEDS.get(strategy, []))
     assert cfg.gpu.name == gpu and cfg.strategy.name == strategy
     assert gpu in known_gpus()
     parts = build(cfg)
     assert parts["profile"].name == (
         "cpu" if gpu == "auto" and not torch.cuda.is_available() else parts["profile"].name
     )
+
+
+def test_lora_on_a_4_bit_base_composes_with_micro_batching_and_checkpointing(tmp_path):
+    lora = ["model=tiny_gpt", "data=tiny_text", "+model.lora_rank=8", "data.batch_size=32"]
+    plain = run(_cfg(*lora, "strategy=none", f"trainer.default_root_dir={tmp_path / 'plain'}"))
+    budget = plain["memory"]["fit"].total // 2  # LoRA on the float base needs twice this card
+    card = ["gpu=rtx3060_12gb", f"gpu.memory_gib={budget / 2**30}", "gpu.context_mib=0"]
+    with pytest.raises(NothingFits):
+        run(_cfg(*lora, *card, "strategy=none", f"trainer.default_root_dir={tmp_path / 'oom'}"))
+    summary = run(
+        _cfg(*lora, *card, "strategy=[lora_4bit,micro_batch,checkpointing]", f"trainer.default_root_dir={tmp_path}")
+    )
+    low_bit, micro, ckpt = summary["strategies"]
+    assert low_bit.startswith("LowBitBaseCallback (9 frozen layer(s) in 4 bits") and "(0.13x)" in low_bit
+    assert micro.startswith("AutoMicroBatchCallback (micro-batch train ") and "2 blocks checkpointed" in ckpt
+    assert summary["memory"]["fit"].total <= budget
 
 
 def _lowvram(*args, cwd):
@@ -285,6 +305,10 @@ BAD_OVERRIDES = [
     ("gpu=rtx9999", "gpu=rtx9999: not a known GPU profile"),
     ("trainer.default_root_dir=/dev/null/run", "trainer.default_root_dir=/dev/null/run"),
     ("strategy=prune strategy.pruning.ignore=3", "strategy.pruning.ignore=3"),
+    ("strategy=lora_4bit", "strategy=lora_4bit: model=digits_mlp: DigitsMLP has no frozen Linear"),
+    ("strategy=lora_4bit strategy.low_bit_base.bits=3", "strategy.low_bit_base.bits=3"),
+    ("strategy=[auto,lora_4bit]", "strategy=[auto,lora_4bit]: auto stands alone"),
+    ("model=tiny_gpt data=tiny_text +model.lora_rank=-1", "model.lora_rank=-1"),
 ]
 
 

@@ -67,15 +67,63 @@ def test_bad_input_is_named():
     report = quantize_frozen_base(odd, bits=4)
     assert report.converted == ["2"] and "not a multiple of 64 x 256" in report.kept["0"] and "1" in report.kept
     copied = copy.deepcopy(odd)  # torchao re-blocks copies at 64 x 256: what the size rule keeps possible
-    assert frozen_linear_layers(copied) == ["0", "1", "2"] and low_bit_layers(copied) == ["2"]
+    assert frozen_linear_layers(copied) == ["0", "1"] and low_bit_layers(copied) == ["2"]
+    again = quantize_frozen_base(copied, bits=4)  # a second conversion leaves the low-bit layer as it is
+    assert again.converted == [] and low_bit_layers(copied) == ["2"]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_modelled_saving_is_the_converted_bytes(bits):
-    from lightning_lowvram.lowbit import low_bit_saving
+    from lightning_lowvram.lowbit import dequant_bytes, low_bit_saving
 
     model = Adapted()
-    saved, largest = low_bit_saving(model, bits)
+    saved, transient = low_bit_saving(model, bits)
     report = quantize_frozen_base(model, bits)
-    assert largest == 512 * 256 * 4
+    assert transient == dequant_bytes(512 * 256, 4, bits, rows=512)  # the larger layer's dequantization, float32
     assert saved == report.bytes_before - report.bytes_after  # byte for byte, as the planner subtracts it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_dequantization_transient_is_measured(bits, dtype):
+    """``dequant_bytes`` is what the tracker sees a layer's forward and backward hold beyond its input and output."""
+    from lightning_lowvram.lowbit import dequant_bytes
+    from lightning_lowvram.memory.tracker import LiveTensorTracker
+
+    n = 1024
+    layer = nn.Sequential(nn.Linear(n, n)).to(dtype).requires_grad_(False)
+    quantize_frozen_base(layer, bits)
+    x = torch.randn(2, n, dtype=dtype, requires_grad=True)
+    tracker = LiveTensorTracker()
+    with tracker:
+        layer(x).sum().backward()  # forward, then backward's own dequantization
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    held = sum(v for k, v in peak.items() if str(k).endswith(("ACT", "TEMP"))) - 2 * x.numel() * x.element_size()
+    expected = dequant_bytes(n * n, dtype.itemsize, bits, rows=n)
+    assert n * n * dtype.itemsize <= held <= expected, (held, expected)  # a weight's worth, never more than modelled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_computes_what_torchaos_nf4_computes(dtype):
+    """Our sliced dequantization equals torchao's ``get_original_weight`` to the bit; outputs and input gradients are
+    a float Linear's with that weight, with and without autocast (where the output is the autocast dtype, as a
+    float Linear's is)."""
+    from lightning_lowvram.lowbit import NF4Linear, nf4_dequantize
+
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 384).to(dtype).requires_grad_(False)
+    model = nn.Sequential(layer)
+    quantize_frozen_base(model, bits=4)
+    nf4 = model[0]
+    assert isinstance(nf4, NF4Linear) and isinstance(nf4, nn.Linear)
+    assert torch.equal(nf4_dequantize(nf4.weight), nf4.weight.get_original_weight())
+    for autocast in (False, True):
+        x = torch.randn(8, 512, dtype=dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ours = nf4(x)
+            theirs = nn.functional.linear(x, nf4.weight.get_original_weight(), nf4.bias)
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, rtol=1e-2 if autocast else 1e-5, atol=1e-2 if autocast else 1e-5)
+        (g_ours,) = torch.autograd.grad(ours.float().pow(2).sum(), x)
+        (g_theirs,) = torch.autograd.grad(theirs.float().pow(2).sum(), x)
+        torch.testing.assert_close(g_ours, g_theirs, rtol=2e-2 if autocast else 1e-4, atol=2e-2 if autocast else 1e-4)

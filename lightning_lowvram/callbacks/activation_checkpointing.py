@@ -42,11 +42,13 @@ class ActivationCheckpointingCallback(Callback):
     def __init__(self, blocks: Sequence[str] | None = None) -> None:
         self.blocks = [blocks] if isinstance(blocks, str) else (list(blocks) if blocks is not None else None)
         self.blocks_wrapped: list[str] = []
+        self._last_wrapped: list[str] = []  # what the last fit checkpointed, for the summary after teardown
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and not self.blocks_wrapped:
             self.blocks_wrapped = checkpoint_blocks(pl_module, self.blocks)
+            self._last_wrapped = list(self.blocks_wrapped)
             rank_zero_info(f"ActivationCheckpointingCallback: {len(self.blocks_wrapped)} blocks checkpointed")
 
     @override
@@ -57,4 +59,4 @@ class ActivationCheckpointingCallback(Callback):
 
     def summary(self) -> str:
         """One line for the `lowvram` summary."""
-        return f"{len(self.blocks_wrapped)} blocks checkpointed"
+        return f"{len(self.blocks_wrapped or self._last_wrapped)} blocks checkpointed"

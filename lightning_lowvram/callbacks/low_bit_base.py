@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from typing_extensions import override
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.lowbit import LowBitReport, pack_low_bit, quantize_frozen_base, unpack_low_bit
 from lightning_lowvram.memory.profiles import format_bytes
+from lightning_lowvram.memory.tracker import host_memory
 
 
 class LowBitBaseCallback(Callback):
@@ -22,9 +24,10 @@ class LowBitBaseCallback(Callback):
     own base): the frozen weights take 4.25 bits (NF4, torchao) or 8 bits (int8 weight-only) instead of 32, gradients
     still reach the adapters through them. The conversion happens once, in ``setup`` (before the optimizer exists, and
     before a checkpoint's weights are loaded, so a checkpoint saved with the callback loads into a fresh module with
-    it). Checkpoints keep the base in 4 bits as plain tensors (``pack_low_bit``: weights-only loadable), with the
-    adapters and optimizer state. The bytes before and after go to the loggers (``lowvram/low_bit_base/bytes`` and
-    ``.../ratio``) and the summary.
+    it), in host memory when the module is still on the CPU: the float weights and the conversion's scratch never
+    reach the card. Checkpoints keep the base in 4 bits as plain tensors (``pack_low_bit``: weights-only loadable),
+    with the adapters and optimizer state. The bytes before and after go to the loggers
+    (``lowvram/low_bit_base/bytes`` and ``.../ratio``) and the summary.
 
     The one trap: the base's numerics change (NF4 keeps about 9 % relative error per weight on random weights); the
     float weights are not kept, so save the float model first if you need it.
@@ -59,7 +62,10 @@ class LowBitBaseCallback(Callback):
             self._undo = patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint)
         if self.report is not None:
             return
-        self.report = quantize_frozen_base(pl_module, self.bits)
+        # Lightning moves the module to the device after setup: a module still on the CPU converts in host memory
+        on_host = all(p.device.type == "cpu" for p in pl_module.parameters())
+        with host_memory() if on_host else contextlib.nullcontext():
+            self.report = quantize_frozen_base(pl_module, self.bits)
         if self.report.kept:
             rank_zero_warn(
                 "LowBitBaseCallback: kept in float: " + "; ".join(f"{n} ({why})" for n, why in self.report.kept.items())

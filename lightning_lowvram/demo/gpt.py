@@ -97,6 +97,30 @@ class CausalSelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
+class LoRALinear(nn.Module):
+    """A frozen ``base`` Linear plus a trainable low-rank update ``B(A(x)) * alpha / rank`` (Hu et al. 2021, LoRA).
+
+    ``B`` starts at zero, so the wrapped layer starts equal to the base; ``alpha = 2 * rank`` (peft's default ratio).
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(8, 4), rank=2)
+        >>> [n for n, p in layer.named_parameters() if p.requires_grad]
+        ['lora_a.weight', 'lora_b.weight']
+
+    """
+
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_b.weight)
+        self.scale = 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_b(self.lora_a(x)) * self.scale
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: attention and a 4x MLP, each with a residual (GPT-2's dropout placement)."""
 
@@ -123,6 +147,8 @@ class TinyGPT(L.LightningModule):
         n_layer: Number of blocks.
         lr: AdamW learning rate.
         dropout: Attention and residual dropout in training (GPT-2 uses 0.1).
+        lora_rank: 0 trains every weight; ``r > 0`` freezes the model and trains rank-``r`` LoRA adapters on the
+            attention projections only (the fine-tuning ``strategy=lora_4bit`` stores the frozen base of in 4 bits).
 
     Example:
         >>> TinyGPT(seq_len=16, d_model=32, n_head=2, n_layer=1)(torch.zeros(2, 16, dtype=torch.long)).shape
@@ -140,9 +166,12 @@ class TinyGPT(L.LightningModule):
         n_layer: int = 2,
         lr: float = 3e-3,
         dropout: float = 0.0,
+        lora_rank: int = 0,
     ):
         super().__init__()
         positive_int(seq_len=seq_len, d_model=d_model, n_head=n_head, n_layer=n_layer)
+        if lora_rank != 0:
+            positive_int(lora_rank=lora_rank)
         positive_number(lr=lr)
         fraction(dropout=dropout)
         self.save_hyperparameters()
@@ -151,6 +180,11 @@ class TinyGPT(L.LightningModule):
         self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, self.vocab_size)
+        if lora_rank:
+            self.requires_grad_(False)
+            for block in self.blocks:
+                block.attn.qkv = LoRALinear(block.attn.qkv, lora_rank)
+                block.attn.proj = LoRALinear(block.attn.proj, lora_rank)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
@@ -176,4 +210,4 @@ class TinyGPT(L.LightningModule):
         self.log("test/loss", self._loss(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=self.hparams.lr)

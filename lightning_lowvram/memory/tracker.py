@@ -9,6 +9,8 @@ bookkeeping with one global forward pre-hook and reads the backward state from t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,6 +37,34 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_HOST_DEPTH = 0  # > 0 inside ``host_memory()``: trackers neither count nor categorise
+
+
+@contextmanager
+def host_memory() -> Iterator[None]:
+    """Work in this block happens in host memory: meters and CPU budgets do not count what it allocates.
+
+    For work that runs on the host before Lightning moves the model to the device (a callback's ``setup`` on a model
+    still on the CPU). On CPU, host and "device" are the same memory, so the emulated budget must be told; tensors
+    made here that later live on the device (a layer's new weight) are counted from the first forward that uses them,
+    as every parameter is.
+
+    Example:
+        >>> from lightning_lowvram import memory_budget
+        >>> with memory_budget(1024), host_memory():
+        ...     scratch = torch.zeros(1024)  # 4 KiB on the host: not the device's budget
+        >>> scratch.numel()
+        1024
+
+    """
+    global _HOST_DEPTH
+    _HOST_DEPTH += 1
+    try:
+        yield
+    finally:
+        _HOST_DEPTH -= 1
+
+
 class LiveTensorTracker(MemTracker):
     """Tracks live tensor storages by category and the peak, across any number of steps.
 
@@ -48,7 +78,7 @@ class LiveTensorTracker(MemTracker):
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
     def _module_pre_forward(self, module: nn.Module, args: Any) -> None:
-        if _in_backward():  # recomputation under activation checkpointing: nothing new to categorise
+        if _in_backward() or _HOST_DEPTH:  # recomputation under activation checkpointing: nothing new to categorise
             return
         before = self.live_bytes()
         for param in module.parameters(recurse=False):
@@ -138,6 +168,8 @@ class LiveTensorTracker(MemTracker):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         res = func(*args, **(kwargs or {}))
+        if _HOST_DEPTH:
+            return res
         if self._in_opt:
             reftype = _MemRefType.OPT
         elif _in_backward():

@@ -31,7 +31,7 @@ from lightning_lowvram.planner.estimate import (
 )
 from lightning_lowvram.planner.timing import rates_of
 
-Saving = tuple[int, int]  # (bytes a low-bit frozen base saves, its largest layer's float weight)
+Saving = tuple[int, int]  # (bytes a low-bit frozen base saves, its largest layer's dequantization transient)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,8 @@ class Plan:
         return (
             f"nothing fits: the smallest predicted tensor peak is {format_bytes(tensor_peak(smallest))} "
             f"({smallest.label}) against {format_bytes(self.budget)}; it needs a card with {need} for tensors, "
-            "or fewer parameters (PruningCallback) or a low-bit frozen base (LowBitBaseCallback)"
+            "or fewer parameters (PruningCallback)"
+            + ("" if any(c.base_bits for c in self.candidates) else " or a low-bit frozen base (LowBitBaseCallback)")
         )
 
     def trainer_kwargs(self) -> dict[str, Any]:
@@ -151,8 +152,9 @@ def plan(
         allow_int8_base: Frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
             ``LowBitBaseCallback(bits=8)`` does; off by default because it changes the base's numerics.
         allow_low_bit_base: Frozen Linear layers may be stored in 8 or 4 bits (NF4), as ``LowBitBaseCallback`` does;
-            the bytes are modelled (``lowbit.low_bit_saving``, byte for byte), plus the largest layer's float weight
-            that dequantization holds while it runs; the step time is the float base's (not modelled).
+            the bytes are modelled (``lowbit.low_bit_saving``, byte for byte), plus what the largest layer's
+            dequantization holds while it runs (``lowbit.dequant_bytes``, measured); the step time is the float
+            base's (not modelled).
         precisions: Precisions to consider; default float32 and the card's mixed precision (bf16, else fp16). Pass
             ``("32-true",)`` when you need float32 numerics.
 
@@ -281,7 +283,7 @@ class _Search:
         if base_bits:
             saved, transient = self.savings[base_bits]
             by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - saved}
-            by_category["temporaries"] = by_category.get("temporaries", 0) + transient  # a layer's dequantized weight
+            by_category["temporaries"] = by_category.get("temporaries", 0) + transient  # a layer's dequantization
             estimate = dataclasses.replace(estimate, peak=estimate.peak - saved + transient, by_category=by_category)
         fits = estimate.peak - estimate.allowance <= self.budget
         return Candidate(precision, micro, ckpt, optim8, base_bits, estimate, fits, seconds, traced)
@@ -319,7 +321,7 @@ class _Search:
 
 
 def _base_saving(module: nn.Module, bits: int) -> tuple[int, int]:
-    """Bytes a ``bits``-bit frozen base saves, and the largest layer's float weight (modelled: ``low_bit_saving``)."""
+    """Bytes a ``bits``-bit frozen base saves, and its largest dequantization transient (``low_bit_saving``)."""
     from lightning_lowvram.lowbit import low_bit_saving
 
     return low_bit_saving(module, bits)  # type: ignore[arg-type]

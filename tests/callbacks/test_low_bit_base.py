@@ -46,6 +46,32 @@ def test_lora_trains_on_a_4_bit_base_and_a_checkpoint_loads_into_a_fresh_module(
         assert torch.equal(fresh.model(**batch).logits, module.model(**batch).logits)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_predict_runs_a_base_whose_float_weights_exceed_the_card(bits):
+    from lightning_lowvram import memory_budget
+
+    loader = hf_batches("llama", n=8, batch_size=4, seq=16)
+
+    def frozen() -> HFModule:
+        return HFModule(hf_model("llama", layers=4, hidden=256).requires_grad_(False))  # 9.4 MiB of float weights
+
+    budget, float_model, low_model = 6 * 2**20, frozen(), frozen()  # built on the host, as users load them
+    with memory_budget(budget), pytest.raises(torch.OutOfMemoryError):
+        quiet_trainer().predict(float_model, loader)  # the float model does not fit
+    with memory_budget(budget):
+        low = quiet_trainer(callbacks=[LowBitBaseCallback(bits=bits)]).predict(low_model, loader)
+    reference = quiet_trainer().predict(float_model, loader)
+    dequantized = frozen()  # the float model with each converted weight replaced by its dequantized value
+    for name in low_bit_layers(low_model):
+        weight = low_model.get_submodule(name).weight
+        value = weight.get_original_weight() if bits == 4 else weight.dequantize()
+        dequantized.get_submodule(name).weight.data.copy_(value)
+    for out, ref, same in zip(low, reference, quiet_trainer().predict(dequantized, loader), strict=True):
+        torch.testing.assert_close(out, same, rtol=1e-4, atol=1e-5)  # the budget changed nothing but the bytes
+        error = (out - ref).norm() / ref.norm()  # what the quantization costs: 0.25 (NF4) and 0.020 (int8) measured
+        assert error < {4: 0.35, 8: 0.03}[bits], float(error)  # on random weights through 4 layers
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="bits must be 4 or 8, got 2"):
         LowBitBaseCallback(bits=2)

@@ -74,6 +74,9 @@ class HFModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self.log("test_loss", self.model(**batch).loss)
 
+    def predict_step(self, batch, batch_idx):
+        return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
     def configure_optimizers(self):
         if self.optimizer == "adamw":
             return torch.optim.AdamW(self.parameters(), lr=self.lr)
