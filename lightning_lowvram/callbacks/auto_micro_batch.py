@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -10,11 +11,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils._python_dispatch import _disable_current_modes
 from typing_extensions import override
 
+from lightning_lowvram._metrics import snapshot_metrics
 from lightning_lowvram.batching import (
     COUNTS,
     SliceFn,
@@ -24,20 +26,26 @@ from lightning_lowvram.batching import (
     micro_batch_bounds,
     slice_batch,
 )
-from lightning_lowvram.callbacks._metrics import snapshot_metrics
 from lightning_lowvram.callbacks._patching import patch_method
-from lightning_lowvram.memory.oom import is_oom_error
+from lightning_lowvram.micro_batching import (
+    CollectiveGuard,
+    SizePolicy,
+    attempt,
+    decided,
+    reset_fsdp2,
+    run_until_fits,
+    snapshot_training_state,
+)
 
 Size = int | Literal["auto"]
 _EVAL_STEPS = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
-_NEXT_STEPS = (
-    "lower precision (trainer.precision=bf16-mixed), activation checkpointing, an 8-bit optimizer, "
-    "or run `lowvram plan` to see what fits"
-)
 
 
 class AutoMicroBatchCallback(Callback):
     """Split every batch into the largest micro-batches that fit; accumulate so the optimizer sees the whole batch.
+
+    The Lightning shell of :mod:`lightning_lowvram.micro_batching` (the retry engine and its invariants, usable without
+    a Trainer).
 
     Each batch the dataloader yields is cut into micro-batches; each micro-batch's loss is weighted by its share of the
     batch (samples, or ``count_fn`` units such as tokens) and back-propagated, so the gradient is the full batch's and
@@ -107,16 +115,15 @@ class AutoMicroBatchCallback(Callback):
         if count_fn is not None and not callable(count_fn) and not (isinstance(count_fn, str) and count_fn in COUNTS):
             raise ValueError(f"count_fn must be a callable or one of {', '.join(map(repr, COUNTS))}, got {count_fn!r}")
         self.min_micro_batch_size = min_micro_batch_size
+        self.policy = SizePolicy(min_micro_batch_size, owner="AutoMicroBatchCallback")
         self.count_fn = COUNTS[count_fn] if isinstance(count_fn, str) else count_fn
         self.slice_fn = slice_fn
         self._labels_checked = False
         self.eval_enabled = eval_micro_batch_size is not None
-        # chosen sizes (None: the whole batch) and the smallest size that failed, per kind ("train" or an eval stage)
-        self.sizes: dict[str, int | None] = {"train": None if micro_batch_size == "auto" else micro_batch_size}
+        # chosen sizes (None: the whole batch) per kind ("train" or an eval stage)
+        self.sizes["train"] = None if micro_batch_size == "auto" else micro_batch_size
         for stage in _EVAL_STEPS:
             self.sizes[stage] = None if eval_micro_batch_size in ("auto", None) else eval_micro_batch_size
-        self.failed: dict[str, int] = {}
-        self.oom_retries = 0
         self.micro_batch_size: int | None = None  # last training micro-batch size used
         self.micro_batches = 0  # micro-batches in the last training batch
         self._undo: dict[str, Callable[[], None]] = {}  # patched module methods -> how to put them back
@@ -124,12 +131,33 @@ class AutoMicroBatchCallback(Callback):
         self._warned_bn = False
         self._ran: set[str] = set()  # kinds that ran through the callback
         self._backprop_done = False
+        self._guard: CollectiveGuard | None = None  # FSDP2 across ranks (ModelParallelStrategy)
+
+    @property
+    def sizes(self) -> dict[str, int | None]:
+        """Chosen micro-batch size per kind (``None``: the whole batch)."""
+        return self.policy.sizes
+
+    @property
+    def failed(self) -> dict[str, int]:
+        """Smallest size that failed, per kind: never tried again."""
+        return self.policy.failed
+
+    @property
+    def oom_retries(self) -> int:
+        """Out-of-memory retries so far."""
+        return self.policy.retries
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._check(trainer, pl_module, stage)
         self._trainer, self._module = trainer, pl_module
+        if self._guard is None and trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
+            import torch.distributed as dist
+
+            # FSDP2 runs collectives inside forward and backward: a guard keeps ranks in step through an OOM
+            self._guard = CollectiveGuard(dist.new_group(backend="gloo"))
         if stage == "fit":
             self._wrap(pl_module, "training_step", self._training_step)
             self._wrap(pl_module, "backward", self._backward)
@@ -154,13 +182,11 @@ class AutoMicroBatchCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"sizes": dict(self.sizes), "failed": dict(self.failed), "oom_retries": self.oom_retries}
+        return self.policy.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sizes.update(state_dict["sizes"])
-        self.failed.update(state_dict["failed"])
-        self.oom_retries = state_dict["oom_retries"]
+        self.policy.load_state_dict(state_dict)
 
     def summary(self) -> str:
         """One line for the `lowvram` summary: the sizes chosen per stage and the retries it took."""
@@ -177,10 +203,17 @@ class AutoMicroBatchCallback(Callback):
                 "batch in your training_step with lightning_lowvram.batching.split_batch"
             )
         strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if "DeepSpeed" in strategy:
             raise MisconfigurationException(
-                f"AutoMicroBatchCallback does not support the {strategy}: use strategy='auto' or 'ddp', "
-                "or the strategy's own micro-batching"
+                f"AutoMicroBatchCallback does not support the {strategy}: DeepSpeed runs its own gradient "
+                "accumulation and optimizer step (use its train_micro_batch_size_per_gpu), or use FSDP2 through "
+                "ModelParallelStrategy, 'ddp' or a single device"
+            )
+        if "FSDP" in strategy:
+            raise MisconfigurationException(
+                f"AutoMicroBatchCallback is not tested with the {strategy} (FSDP1): Lightning runs training_step "
+                "inside FSDP1's forward, where a backward per micro-batch is not shown to work; use FSDP2 "
+                "(ModelParallelStrategy with fully_shard in configure_model), which is tested"
             )
 
     def _wrap(self, module: L.LightningModule, name: str, replacement: Callable[..., Any]) -> None:
@@ -210,34 +243,22 @@ class AutoMicroBatchCallback(Callback):
             # Lightning zeroes gradients *after* training_step; the micro-batches back-propagate inside it
             self._originals_call("optimizer_zero_grad", trainer.current_epoch, batch_idx, trainer.optimizers[0])
             self._zeroed = (trainer.current_epoch, batch_idx)
-        restore = self._snapshot(first_in_window)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        snapshot = snapshot_training_state(self._module, grads=not first_in_window, scaler=scaler)
+
+        def restore() -> None:
+            self._reset_sharding()
+            snapshot()
+
         run = functools.partial(self._run_train, original, batch, batch_idx, args, kwargs)
-        return self._until_it_fits("train", batch, restore, run)
+        self._ran.add("train")
+        with self._guarded():
+            return run_until_fits(
+                run, batch_size_of(batch), self.policy, "train", restore, self._any_rank, self._retrying
+            )
 
     def _originals_call(self, name: str, *args: Any) -> Any:
         return getattr(self._module, name).__wrapped__(*args)
-
-    def _until_it_fits(self, kind: str, batch: Any, restore: Callable[[], None], run: Callable[[int], Any]) -> Any:
-        self._ran.add(kind)
-        n = batch_size_of(batch)
-        while True:
-            size = self._size(kind, n)
-            result, oom = self._attempt(run, size)
-            if not self._any_rank(oom):
-                return result
-            restore()
-            self._shrink(kind, size)
-
-    def _attempt(self, run: Callable[[int], Any], size: int) -> tuple[Any, bool]:
-        try:
-            return run(size), False
-        except Exception as err:  # noqa: BLE001 - re-raised unless it is an OOM
-            if not is_oom_error(err):
-                raise
-        # outside the except block: the traceback (and the tensors its frames hold) is gone
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None, True
 
     def _run_train(self, original, batch, batch_idx, args, kwargs, size: int) -> Any:
         n = batch_size_of(batch)
@@ -265,7 +286,7 @@ class AutoMicroBatchCallback(Callback):
             loss = loss + weighted.detach()
             if i < last:
                 del output, weighted
-        if self._trainer.world_size > 1:
+        if isinstance(self._trainer.strategy, DDPStrategy) and self._trainer.world_size > 1:
             # DDP all-reduces gradients in the backward Lightning runs on the returned loss (the inner ones ran inside
             # DDP's forward, where its hooks stay idle): a zero that reaches every parameter through a cheap graph
             # (sum, no saved activations) makes that backward add nothing and all-reduce the accumulated gradients
@@ -292,43 +313,13 @@ class AutoMicroBatchCallback(Callback):
             return None
         return original(loss, *args, **kwargs)
 
-    def _snapshot(self, first_in_window: bool) -> Callable[[], None]:
-        """Capture what a failed attempt can change; return the function that puts it back."""
-        module = self._module
-        params = [p for p in module.parameters() if p.requires_grad]
-        norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        with _disable_current_modes():  # host-side copies: not device memory, not counted by an emulated budget
-            buffers = [(b, b.detach().clone()) for m in norms for b in m.buffers()]
-            grads = (
-                None
-                if first_in_window
-                else [None if p.grad is None else p.grad.detach().to("cpu", copy=True) for p in params]
-            )
-        scaler = getattr(self._trainer.precision_plugin, "scaler", None)
-        scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
-        restore_metrics = snapshot_metrics(module)
-
-        def restore() -> None:
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-            for i, p in enumerate(params):
-                saved = None if grads is None else grads[i]
-                # a copy: the next attempt accumulates into p.grad in place, the snapshot must stay as it was
-                p.grad = None if saved is None else saved.to(p.device, copy=True)
-            if scaler_state is not None:
-                scaler.load_state_dict(scaler_state)
-                scaler._per_optimizer_states.clear()
-            restore_metrics()
-
-        return restore
-
     # -- evaluation ---------------------------------------------------------------------------------------------
     def _eval_step(self, stage: str, original: Callable[..., Any], batch: Any, batch_idx: int, *args: Any, **kwargs):
         self._ran.add(stage)
         n = batch_size_of(batch)
         outputs, done = [], 0
         while done < n:
-            size = min(self._size(stage, n), n - done)
+            size = min(self.policy.size(stage, n), n - done)
             if size == n:
                 piece = batch
             else:
@@ -338,38 +329,35 @@ class AutoMicroBatchCallback(Callback):
                     else slice_batch(batch, done, done + size, n)
                 )
             restore_metrics = snapshot_metrics(self._module)
-            result, oom = self._attempt(lambda _, piece=piece: original(piece, batch_idx, *args, **kwargs), size)
-            if self._any_rank(oom):
+            with self._guarded():
+                result, failure = attempt(lambda _, piece=piece: original(piece, batch_idx, *args, **kwargs), size)
+            if decided(failure, self._any_rank):
+                self._reset_sharding()
                 restore_metrics()  # a metric updated before the OOM would count this piece twice
-                self._shrink(stage, size)  # completed pieces stay done: nothing is counted twice
+                self._retrying(stage, size, self.policy.shrink(stage, size))  # completed pieces stay done
                 continue
             outputs.append(result)
             done += size
         return merge_outputs(outputs) if stage == "predict" or any(o is not None for o in outputs) else None
 
     # -- decisions ----------------------------------------------------------------------------------------------
-    def _size(self, kind: str, n: int) -> int:
-        size = self.sizes[kind] or n
-        if kind in self.failed:
-            size = min(size, self.failed[kind] - 1)
-        return max(min(size, n), 1)
-
     def _any_rank(self, oom: bool) -> bool:
+        if self._guard is not None:
+            return self._guard.agree(oom)
         trainer = self._trainer
         return trainer.strategy.reduce_boolean_decision(oom, all=False) if trainer.world_size > 1 else oom
 
-    def _shrink(self, kind: str, used: int) -> None:
-        if used <= self.min_micro_batch_size:
-            raise torch.OutOfMemoryError(
-                f"AutoMicroBatchCallback: a {kind} micro-batch of {used} sample(s) does not fit in memory "
-                f"(min_micro_batch_size={self.min_micro_batch_size}). Next: {_NEXT_STEPS}."
-            )
-        self.failed[kind] = min(self.failed.get(kind, used), used)
-        self.sizes[kind] = max(self.min_micro_batch_size, used // 2)
-        self.oom_retries += 1
-        rank_zero_info(
-            f"AutoMicroBatchCallback: out of memory at {kind} micro-batch {used}; retrying at {self.sizes[kind]}"
-        )
+    def _guarded(self) -> Any:
+        return self._guard.active() if self._guard is not None else contextlib.nullcontext()
+
+    def _reset_sharding(self) -> None:
+        """After an aborted FSDP2 step: FSDP's per-iteration state reset, every parameter sharded again."""
+        if self._guard is not None:
+            reset_fsdp2(self._module)
+
+    @staticmethod
+    def _retrying(kind: str, used: int, size: int) -> None:
+        rank_zero_info(f"AutoMicroBatchCallback: out of memory at {kind} micro-batch {used}; retrying at {size}")
 
     def _warn_batchnorm(self) -> None:
         if self._warned_bn:

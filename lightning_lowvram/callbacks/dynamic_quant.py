@@ -17,8 +17,8 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_lowvram._files import check_writable
+from lightning_lowvram._metrics import snapshot_metrics
 from lightning_lowvram.batching import batch_size_of
-from lightning_lowvram.callbacks._metrics import snapshot_metrics
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.lowbit import frozen_linear_layers, quantize_frozen_base
 from lightning_lowvram.quantization import (

@@ -31,12 +31,20 @@ class OrderedDigits(DigitsDataModule):
 
 
 class RankOneBudget(Callback):
-    """An emulated device budget on rank 1 only: that rank alone runs out of memory."""
+    """An emulated device budget on rank 1 only, from training batch ``start``: that rank alone runs out of memory."""
 
-    def __init__(self, limit: int):
-        self.limit, self.budget = limit, None
+    def __init__(self, limit: int, start: int = 0):
+        self.limit, self.start, self.budget = limit, start, None
 
     def setup(self, trainer, pl_module, stage):
+        if self.start == 0:
+            self._enter(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.start and self.start:
+            self._enter(trainer)  # mid-window under accumulation: the window's gradients must be put back
+
+    def _enter(self, trainer):
         if self.limit and trainer.global_rank == 1:
             self.budget = memory_budget(self.limit, device="cpu")
             self.budget.__enter__()

@@ -383,6 +383,29 @@ def test_ddp_oom_on_one_rank_moves_both_ranks_to_the_same_size(tmp_path):
         assert torch.allclose(ranks[0]["weights"][name], value, rtol=0, atol=1e-9), name  # = single process
 
 
+@pytest.mark.slow  # FSDP2: two subprocesses, three runs
+def test_fsdp2_forced_micro_batches_and_an_oom_on_one_rank_equal_the_unsplit_fsdp2_run(tmp_path):
+    """FSDP2 (fully_shard in configure_model, ModelParallelStrategy, 2 gloo processes), accumulation 2: forced
+    micro-batches, and rank 1 alone out of memory at batch 1 (mid-window, the emulated budget's real OOM), give the
+    unsplit run's weights; no hang (each run has a hard timeout), both ranks settle on the same size."""
+    from tests.callbacks import fsdp2_micro_batch as fsdp2
+
+    def run(name, size, limit):
+        return run_ddp(fsdp2.__file__, tmp_path / name, size, limit, 2, timeout=240)
+
+    reference, forced = run("reference", "none", 0), run("forced", 16, 0)
+    peak16, peak64 = forced[1]["peak"], reference[1]["peak"]
+    # activations grow linearly with the micro-batch: this holds 16 samples, not 32; the budget starts at batch 1,
+    # when the window's gradients (as many bytes as the parameters) already exist and are not counted
+    ranks = run("oom", "auto", peak16 + (peak64 - peak16) // 6 - forced[1]["params"])
+    assert [r["micro_batch_size"] for r in ranks] == [16, 16]
+    assert [r["micro"]["failed"]["train"] for r in ranks] == [32, 32] and ranks[0]["micro"]["oom_retries"] == 2
+    for name, value in reference[0]["weights"].items():
+        for r in (0, 1):
+            assert torch.allclose(forced[r]["weights"][name], value, rtol=0, atol=1e-9), name
+            assert torch.allclose(ranks[r]["weights"][name], value, rtol=0, atol=1e-9), name
+
+
 class CudaNet(L.LightningModule):
     """Activations of ~8 GiB at batch 32768 (fp16 autocast, 2 GiB per hidden tensor): more than an 8 GB card holds."""
 
@@ -426,14 +449,19 @@ def test_a_real_cuda_oom_on_an_emulated_8gb_card_is_recovered_in_16_mixed():
     _assert_same_weights(model, reference, tol=1e-4)  # the same split; cuBLAS may pick other kernels
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
-def test_sharded_strategies_are_refused_at_setup(strategy):
-    """FSDP needs CUDA and DeepSpeed its package, so the trainer is a stand-in holding the real strategy class."""
+@pytest.mark.parametrize(
+    ("strategy", "reason"),
+    [("FSDPStrategy", "is not tested with the FSDPStrategy .FSDP1.: Lightning runs training_step inside"),
+     ("DeepSpeedStrategy", "does not support the DeepSpeedStrategy: DeepSpeed runs its own gradient accumulation")],
+)  # fmt: skip
+def test_fsdp1_and_deepspeed_are_refused_at_setup_naming_the_reason(strategy, reason):
+    """A stand-in trainer holding the real strategy class (FSDP1 here would need CUDA, DeepSpeed its package);
+    FSDP2 (ModelParallelStrategy) is supported: tested with two processes above."""
     import lightning.pytorch.strategies as strategies
 
     cls = getattr(strategies, strategy)
     trainer = SimpleNamespace(strategy=cls.__new__(cls))
-    with pytest.raises(MisconfigurationException, match=f"does not support the {strategy}"):
+    with pytest.raises(MisconfigurationException, match=reason):
         AutoMicroBatchCallback().setup(trainer, WideNet(), "fit")
 
 
