@@ -497,9 +497,9 @@ _NOISE = (
     "Seed set to",
     "💡 Tip",
     "`Trainer.fit` stopped",
-    "LowBitBaseCallback: ",
+    "LowBitBaseCallback: ",  # this line and the next: the summary's strategies line says the same
     "ActivationCheckpointingCallback: ",
-)  # these two: the summary's strategies line
+)
 _NOISY_WARNINGS = (
     r"`\.fit\(ckpt_path=None\)` was called",  # OnExceptionCheckpoint makes Lightning look for a checkpoint to resume
     r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint",

@@ -127,3 +127,21 @@ def test_nf4_linear_computes_what_torchaos_nf4_computes(dtype):
         (g_ours,) = torch.autograd.grad(ours.float().pow(2).sum(), x)
         (g_theirs,) = torch.autograd.grad(theirs.float().pow(2).sum(), x)
         torch.testing.assert_close(g_ours, g_theirs, rtol=2e-2 if autocast else 1e-4, atol=2e-2 if autocast else 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_on_cuda_the_allocator_sees_the_low_bit_bytes(bits):
+    """What the CUDA caching allocator holds for the converted layers is the bytes the report counts (each tensor
+    rounded up to the allocator's 512-byte blocks). Unverified until a GPU session runs it."""
+    model = Adapted().cuda()
+    names = ["base.0", "base.2"]
+    float_bytes = linear_bytes(model, names)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    report = quantize_frozen_base(model, bits)
+    torch.cuda.synchronize()
+    freed = before - torch.cuda.memory_allocated()  # the float weights went, the low-bit ones came
+    tensors = sum(1 for n in names for _ in model.get_submodule(n).state_dict().values()) + 8  # scales, tables
+    assert report.bytes_before == float_bytes
+    assert abs(freed - (report.bytes_before - report.bytes_after)) <= 512 * tensors, (freed, report)

@@ -54,7 +54,9 @@ class AutoMicroBatchCallback(Callback):
     half the size, after gradients, BatchNorm running statistics, torchmetrics states and the GradScaler are put back.
     Sizes that failed are never tried again. Validation, test and predict have their own size: an OOM there continues
     the batch with the remaining samples at a smaller size and never shrinks the training size. Under DDP every
-    attempt ends with one all-reduce of an OOM flag, so all ranks retry together and settle on the same size.
+    attempt ends with one all-reduce of an OOM flag, so all ranks retry together and settle on the same size; under
+    FSDP2 (``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``) each of FSDP's collectives inside an
+    attempt is preceded by the same flag, so a rank out of memory between two of them never leaves the others waiting.
 
     Every backward runs inside the wrapped ``training_step`` (so a failed attempt leaves no graph in Lightning's
     closure); the step returns the full batch's loss, detached. Under DDP it carries a zero-valued graph to every
@@ -80,7 +82,7 @@ class AutoMicroBatchCallback(Callback):
 
     Raises:
         ValueError: For sizes that are not ``"auto"`` or an integer >= ``min_micro_batch_size`` >= 1.
-        MisconfigurationException: At setup, for manual optimization, FSDP or DeepSpeed.
+        MisconfigurationException: At setup, for manual optimization, FSDP1 (``FSDPStrategy``) or DeepSpeed.
 
     Example:
         >>> from lightning_lowvram.demo import DigitsDataModule, DigitsMLP

@@ -148,7 +148,7 @@ class TinyGPT(L.LightningModule):
         lr: AdamW learning rate.
         dropout: Attention and residual dropout in training (GPT-2 uses 0.1).
         lora_rank: 0 trains every weight; ``r > 0`` freezes the model and trains rank-``r`` LoRA adapters on the
-            attention projections only (the fine-tuning ``strategy=lora_4bit`` stores the frozen base of in 4 bits).
+            attention projections only (the fine-tuning whose frozen base ``strategy=lora_4bit`` stores in 4 bits).
 
     Example:
         >>> TinyGPT(seq_len=16, d_model=32, n_head=2, n_layer=1)(torch.zeros(2, 16, dtype=torch.long)).shape

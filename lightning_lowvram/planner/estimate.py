@@ -38,6 +38,7 @@ from lightning_lowvram.planner.cuda_rules import (
     cuda_autocast_policy,
     cuda_rounding,
 )
+from lightning_lowvram.planner.sharding import Offload, Sharding, ShardSpec, fake_world, offloaded, shard, shard_spec
 from lightning_lowvram.planner.timing import StepWork, WorkCounter
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
@@ -60,6 +61,8 @@ class MemoryEstimate:
             this machine's CPU and metered).
         work: What one micro-batch and one optimizer step do (FLOPs, bytes, kernels), for
             :meth:`step_time`.
+        devices: Ranks of the step (``peak`` is one rank's).
+        host: Bytes one rank keeps in host memory instead (offload), not in ``peak``.
 
     """
 
@@ -71,6 +74,8 @@ class MemoryEstimate:
     gpu: str | None = None
     method: str = "fake"
     work: StepWork | None = dataclasses.field(default=None, repr=False, compare=False)
+    devices: int = 1
+    host: int = 0
 
     def fits(self, budget: int, margin: float = 0.1) -> bool:
         """Whether the peak stays below ``budget`` with a ``margin`` (fraction of the budget) to spare."""
@@ -87,7 +92,9 @@ class MemoryEstimate:
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.by_category.items() if v)
         extra = f" + {format_bytes(self.allowance)} context" if self.allowance else ""
-        return f"{format_bytes(self.peak)} on {self.gpu or self.device} ({parts}{extra})"
+        extra += f"; {format_bytes(self.host)} in host memory" if self.host else ""
+        rank = f" per rank of {self.devices}" if self.devices > 1 else ""
+        return f"{format_bytes(self.peak)}{rank} on {self.gpu or self.device} ({parts}{extra})"
 
 
 def estimate_step_memory(
@@ -101,6 +108,9 @@ def estimate_step_memory(
     optimizer_8bit: bool = False,
     gpu: str | GPUProfile | None = None,
     device: Literal["cpu", "cuda"] | None = None,
+    devices: int = 1,
+    sharding: Sharding = "none",
+    offload: Offload = "none",
 ) -> MemoryEstimate:
     """Predict the peak memory of ``module``'s training step on ``batch``, without running it for real.
 
@@ -118,6 +128,12 @@ def estimate_step_memory(
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
             ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
+        devices: Ranks; with ``sharding`` the estimate is one rank's step (``batch`` is one rank's batch, as each
+            rank's loader yields it), traced with FSDP2 over a fake process group (:mod:`.sharding`).
+        sharding: ``"full"`` (FSDP2, parameters resharded after forward), ``"grad_op"`` (kept unsharded until
+            backward, ZeRO-2-like) or ``"none"`` (one device).
+        offload: ``"params"`` (FSDP2's CPU offload: sharded parameters, gradients and optimizer state in host
+            memory) or ``"optimizer"`` (its state only): those bytes move from ``peak`` to ``host`` (modelled).
 
     Raises:
         ValueError: For an unknown precision or GPU, a non-positive micro-batch size, or a batch the module's
@@ -132,6 +148,7 @@ def estimate_step_memory(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    spec = shard_spec(devices, sharding, offload)
     profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
     cuda = device == "cuda" or (device is None and profile is not None and profile.memory_gib is not None)
     capability = None
@@ -143,7 +160,8 @@ def estimate_step_memory(
     micro = min(micro_batch_size or n, n)
     split = micro < n  # later micro-batches of a step run with the step's gradients already there
 
-    step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, activation_checkpointing, capability)
+    step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, activation_checkpointing, capability,
+            spec)  # fmt: skip
     try:
         best, phases, work = _run(*step, fake=True)
         method = "fake"
@@ -152,15 +170,18 @@ def estimate_step_memory(
         best, phases, work = _run(*step, fake=False)
         method = "measured"
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
+    by_category, host = offloaded(dict(best.by_category), spec.offload if spec else "none")
     estimate = MemoryEstimate(
-        peak=best.total + allowance,
-        by_category=dict(best.by_category),
-        by_phase=phases,
+        peak=best.total - host + allowance,
+        by_category=by_category,
+        by_phase={phase: max(value - host, 0) for phase, value in phases.items()},
         allowance=allowance,
         device="cuda" if cuda else "cpu",
         gpu=profile.name if profile is not None else None,
         method=method,
         work=work,
+        devices=spec.devices if spec else 1,
+        host=host,
     )
     return with_8bit_optimizer(estimate, module, optimizer) if optimizer_8bit else estimate
 
@@ -247,6 +268,7 @@ def _run(
     optimizer: Any,
     activation_checkpointing: bool,
     capability: tuple[int, int] | None,
+    spec: ShardSpec | None,
     fake: bool,
 ) -> tuple[Any, dict[str, int], StepWork]:
     """Two optimizer steps of a copy of ``module``, metered per phase; the second's work counted.
@@ -254,7 +276,8 @@ def _run(
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
 
-    ``capability``: the CUDA card's compute capability, whose rules apply; ``None``: the CPU's.
+    ``capability``: the CUDA card's compute capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
+    an FSDP2 job over a fake process group.
     """
     cuda = capability is not None
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
@@ -278,7 +301,10 @@ def _run(
 
     kernels = CudaKernels(capability, attention=fake) if cuda else contextlib.nullcontext()
     policy = cuda_autocast_policy() if cuda else contextlib.nullcontext()
-    with mode or contextlib.nullcontext(), cuda_rounding(cuda), kernels, policy:
+    world = fake_world(spec.devices) if spec else contextlib.nullcontext()
+    with world as mesh, mode or contextlib.nullcontext(), cuda_rounding(cuda), kernels, policy:
+        if spec:
+            shard(copied, mesh, spec)
         opt = _optimizer(copied, optimizer)
         if cuda:
             for group in opt.param_groups:

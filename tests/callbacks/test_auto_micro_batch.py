@@ -405,6 +405,17 @@ def test_fsdp2_forced_micro_batches_and_an_oom_on_one_rank_equal_the_unsplit_fsd
             assert torch.allclose(forced[r]["weights"][name], value, rtol=0, atol=1e-9), name
             assert torch.allclose(ranks[r]["weights"][name], value, rtol=0, atol=1e-9), name
 
+    # the per-rank estimate (FSDP2 traced over a fake process group in this process) against each rank's meter
+    from lightning_lowvram.planner import estimate_step_memory
+
+    data = fsdp2.OrderedDigits(batch_size=2 * fsdp2.PER_RANK_BATCH, dtype="float64")
+    data.setup("fit")
+    window = next(iter(data.train_dataloader()))  # accumulation 2: a batch of 64 with the window's gradients present
+    net = fsdp2.sharded_net()
+    estimate = estimate_step_memory(net, window, micro_batch_size=fsdp2.PER_RANK_BATCH, devices=2, sharding="full")
+    for r in (0, 1):
+        assert abs(estimate.peak / reference[r]["peak"] - 1) <= 0.10, (estimate.peak, reference[r]["peak"])
+
 
 class CudaNet(L.LightningModule):
     """Activations of ~8 GiB at batch 32768 (fp16 autocast, 2 GiB per hidden tensor): more than an 8 GB card holds."""

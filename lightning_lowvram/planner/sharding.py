@@ -1,0 +1,135 @@
+"""One rank of a multi-device step, traced in one process: FSDP2 sharding over a fake process group.
+
+``estimate_step_memory(..., devices=N, sharding=...)`` shards its copy of the module with PyTorch's own
+``fully_shard`` (FSDP2) over a process group of ``N`` ranks whose collectives do nothing (PyTorch's ``fake``
+backend, the one its ``FSDPMemTracker`` is tested with), and traces rank 0's step: sharded parameters, gradients
+and optimizer state, the all-gather buffers of the unit being computed and prefetched, the reduce-scatter buffers,
+and the activations of the local micro-batch are then what FSDP2 itself allocates, not a formula. Checked against the
+meter on real two-process gloo FSDP2 runs (``tests/callbacks/test_auto_micro_batch.py``).
+
+Units: the module's own ``configure_model`` when it overrides it (Lightning's FSDP2 convention: ``fully_shard`` on
+``self.device_mesh["data_parallel"]``), else each repeated block (``checkpointing.repeated_blocks``) and the root.
+``sharding="grad_op"`` keeps parameters unsharded between forward and backward (``set_reshard_after_forward(False)``,
+ZeRO-2-like). Offload is modelled from the traced categories: ``"params"`` (FSDP2's ``CPUOffloadPolicy``: sharded
+parameters, gradients and optimizer state live in host memory) and ``"optimizer"`` (optimizer state only, as
+DeepSpeed's ZeRO-Offload) move those bytes from the device to ``MemoryEstimate.host``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from torch import nn
+
+Sharding = Literal["full", "grad_op", "none"]
+Offload = Literal["none", "optimizer", "params"]
+#: categories each offload moves to host memory (the traced peak's sharded state)
+OFFLOADED: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "optimizer": ("optimizer",),
+    "params": ("parameters", "gradients", "optimizer"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """How many ranks, how the state is sharded, what is offloaded (validated by :func:`shard_spec`)."""
+
+    devices: int
+    sharding: Sharding
+    offload: Offload
+
+
+def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
+    """The checked spec, or ``None`` for one device with nothing sharded or offloaded.
+
+    Raises:
+        ValueError: ``devices`` < 1, an unknown ``sharding``/``offload``, sharding with one device, or offload without
+            a sharded strategy.
+
+    Example:
+        >>> shard_spec(4, "full", "none")
+        ShardSpec(devices=4, sharding='full', offload='none')
+        >>> shard_spec(1, "none", "none") is None
+        True
+
+    """
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
+    if sharding not in ("full", "grad_op", "none"):
+        raise ValueError(f"sharding must be 'full', 'grad_op' or 'none', got {sharding!r}")
+    if offload not in OFFLOADED:
+        raise ValueError(f"offload must be 'none', 'optimizer' or 'params', got {offload!r}")
+    if sharding != "none" and devices == 1:
+        raise ValueError(f"sharding={sharding!r} needs devices >= 2: one device has nothing to share its state with")
+    if offload != "none" and sharding == "none":
+        raise ValueError(
+            f"offload={offload!r} needs a sharded strategy (sharding='full' or 'grad_op'): Lightning offloads through "
+            "FSDP2's CPUOffloadPolicy"
+        )
+    if sharding == "none" and devices > 1:
+        raise ValueError(
+            "sharding='none' with devices > 1 (DDP) is not modelled yet: its gradient buckets are not traced; "
+            "estimate one device (each DDP rank holds what one device does, plus bucket copies of the gradients)"
+        )
+    return None if devices == 1 else ShardSpec(devices, sharding, offload)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def fake_world(devices: int) -> Iterator[Any]:
+    """A process group of ``devices`` ranks whose collectives do nothing (this process is rank 0); yields its mesh.
+
+    Raises:
+        ValueError: A process group is already initialised here (a running distributed job): trace before it starts.
+
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise ValueError(
+            "estimate_step_memory(devices=...) traces with its own fake process group: call it before the distributed "
+            "job starts (`lowvram plan`, or before Trainer.fit)"
+        )
+    dist.init_process_group("fake", rank=0, world_size=devices, store=FakeStore())
+    try:
+        # the names Lightning's ModelParallelStrategy gives its mesh, so a module's configure_model finds its axis
+        yield init_device_mesh("cpu", (devices, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
+    """Apply FSDP2 to ``module`` (a copy) as a Lightning run on ``spec.devices`` ranks would."""
+    import lightning as L
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from lightning_lowvram.checkpointing import repeated_blocks
+
+    if isinstance(module, L.LightningModule) and is_overridden("configure_model", module, L.LightningModule):
+        module._device_mesh = mesh  # what ModelParallelStrategy sets before calling configure_model
+        module.configure_model()
+        if not any(isinstance(m, FSDPModule) for m in module.modules()):
+            raise ValueError(
+                f"{type(module).__name__}.configure_model applies no fully_shard: under devices={spec.devices} "
+                "sharding the parameters are not sharded (apply fully_shard to its blocks and itself)"
+            )
+        if not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=mesh["data_parallel"])  # the root, as Lightning's docs end configure_model
+    else:
+        named = dict(module.named_modules())
+        for name in repeated_blocks(module):
+            fully_shard(named[name], mesh=mesh["data_parallel"])
+        fully_shard(module, mesh=mesh["data_parallel"])
+    module.set_reshard_after_forward(spec.sharding == "full")
+
+
+def offloaded(by_category: dict[str, int], offload: str) -> tuple[dict[str, int], int]:
+    """The device's categories and the bytes moved to host memory by ``offload``."""
+    moved = {k: by_category.get(k, 0) for k in OFFLOADED[offload]}
+    return {k: (0 if k in moved else v) for k, v in by_category.items()}, sum(moved.values())

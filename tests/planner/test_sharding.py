@@ -1,0 +1,72 @@
+"""Per-rank estimates: FSDP2 traced over a fake process group (the real two-process check is in
+tests/callbacks/test_auto_micro_batch.py, which runs FSDP2 on gloo)."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_lowvram.demo import TinyGPT
+from lightning_lowvram.planner import estimate_step_memory
+from lightning_lowvram.planner.estimate import _run
+from lightning_lowvram.planner.sharding import shard_spec
+
+BATCH = (torch.zeros(8, 64, dtype=torch.long), torch.zeros(8, 64, dtype=torch.long))
+
+
+def test_fake_tensors_trace_what_real_tensors_allocate_and_sharding_shrinks_the_state():
+    spec = shard_spec(2, "full", "none")
+    fake, real = (_run(TinyGPT(n_layer=4), BATCH, False, "32-true", None, False, None, spec, fake=f)[0] for f in (1, 0))
+    assert fake.total == real.total and fake.by_category == real.by_category  # nothing allocated, the same bytes
+    one = estimate_step_memory(TinyGPT(n_layer=4), BATCH)
+    two, four = (estimate_step_memory(TinyGPT(n_layer=4), BATCH, devices=n, sharding="full") for n in (2, 4))
+    assert two.method == "fake" and two.devices == 2 and "per rank of 2" in str(two)
+    assert four.by_category["optimizer"] * 4 == pytest.approx(one.by_category["optimizer"], rel=0.02)  # AdamW state
+    assert four.peak < two.peak < one.peak  # activations stay: the local micro-batch is the same
+    kept = estimate_step_memory(TinyGPT(n_layer=4), BATCH, devices=2, sharding="grad_op")
+    assert kept.by_category["parameters"] > two.by_category["parameters"]  # unsharded between forward and backward
+
+
+def test_offload_moves_the_sharded_state_to_host_memory():
+    full = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=2, sharding="full")
+    params = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=2, sharding="full", offload="params")
+    optim = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=2, sharding="full", offload="optimizer")
+    moved = sum(full.by_category[k] for k in ("parameters", "gradients", "optimizer"))
+    assert params.host == moved and params.peak == full.peak - moved and params.by_category["optimizer"] == 0
+    assert optim.host == full.by_category["optimizer"] and optim.peak == full.peak - optim.host
+    assert "in host memory" in str(params)
+
+
+class NoShard(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+
+    def configure_model(self):
+        pass  # forgets fully_shard
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"devices": 0}, "devices must be an integer >= 1, got 0"),
+        ({"devices": 1, "sharding": "full"}, "sharding='full' needs devices >= 2"),
+        ({"devices": 2, "sharding": "zero3"}, "sharding must be 'full', 'grad_op' or 'none'"),
+        ({"devices": 2, "sharding": "none", "offload": "params"}, "offload='params' needs a sharded strategy"),
+        ({"devices": 2, "sharding": "full", "offload": "disk"}, "offload must be 'none', 'optimizer' or 'params'"),
+        ({"devices": 2}, "sharding='none' with devices > 1 .DDP. is not modelled yet"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_step_memory(TinyGPT(n_layer=1), BATCH, **kwargs)
+
+
+def test_configure_model_without_fully_shard_is_named():
+    with pytest.raises(ValueError, match="NoShard.configure_model applies no fully_shard"):
+        estimate_step_memory(NoShard(), torch.zeros(2, 4), devices=2, sharding="full")
