@@ -170,8 +170,8 @@ class TinyGPT(L.LightningModule):
     ):
         super().__init__()
         positive_int(seq_len=seq_len, d_model=d_model, n_head=n_head, n_layer=n_layer)
-        if lora_rank != 0:
-            positive_int(lora_rank=lora_rank)
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"lora_rank must be 0 (no adapters) or an integer >= 1, got {lora_rank!r}")
         positive_number(lr=lr)
         fraction(dropout=dropout)
         self.save_hyperparameters()
