@@ -259,7 +259,8 @@ class CollectiveGuard:
 
     """
 
-    #: torch.distributed functions FSDP2 calls for its collectives (2.11 - 2.13 names)
+    #: torch.distributed functions FSDP2 calls for its collectives (torch 2.13 calls the ``*_single`` ones; the
+    #: others are their older names, patched when present)
     NAMES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor")
 
     def __init__(self, group: Any = None) -> None:
@@ -267,7 +268,6 @@ class CollectiveGuard:
 
         self.group = group
         self._all_reduce = dist.all_reduce
-        self.collectives = 0  # collectives entered under the guard (a test's witness)
 
     def agree(self, failed: bool) -> bool:
         """One flag all-reduce: whether any rank failed (``run_until_fits``'s ``agree``)."""
@@ -288,7 +288,6 @@ class CollectiveGuard:
             def collective(*args: Any, **kwargs: Any) -> Any:
                 if self.agree(False):
                     raise PeerOutOfMemory("another rank ran out of memory in this attempt; retrying together")
-                self.collectives += 1
                 return original(*args, **kwargs)
 
             return collective
