@@ -41,11 +41,12 @@ class Llama1B(L.LightningModule):
 
     Args:
         layers: Decoder layers (22 in TinyLlama-1.1B).
-        lr: AdamW learning rate of the adapters.
+        lr: AdamW learning rate of the trained weights.
+        lora: LoRA adapters on a frozen base; ``False``: full fine-tuning (every weight trains).
 
     """
 
-    def __init__(self, layers: int = 22, lr: float = 2e-4) -> None:
+    def __init__(self, layers: int = 22, lr: float = 2e-4, lora: bool = True) -> None:
         super().__init__()
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,8 +56,9 @@ class Llama1B(L.LightningModule):
             vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=SEQ, tie_word_embeddings=False,
         )  # fmt: skip
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        self.model, self.lr = get_peft_model(LlamaForCausalLM(config), lora), lr
+        model, self.lr = LlamaForCausalLM(config), lr
+        adapters = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        self.model = get_peft_model(model, adapters) if lora else model
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss

@@ -8,7 +8,8 @@ and the activations of the local micro-batch are then what FSDP2 itself allocate
 meter on real two-process gloo FSDP2 runs (``tests/callbacks/test_auto_micro_batch.py``).
 
 Units: the module's own ``configure_model`` when it overrides it (Lightning's FSDP2 convention: ``fully_shard`` on
-``self.device_mesh["data_parallel"]``), else each repeated block (``checkpointing.repeated_blocks``) and the root.
+``self.device_mesh["data_parallel"]``), else each repeated block (``checkpointing.repeated_blocks``) and then what
+``training_step`` calls for the other parameters (the module, or its top-level children such as a wrapped model).
 ``sharding="grad_op"`` keeps parameters unsharded between forward and backward (``set_reshard_after_forward(False)``,
 ZeRO-2-like). Offload is modelled from the traced categories: ``"params"`` (FSDP2's ``CPUOffloadPolicy``: sharded
 parameters, gradients and optimizer state live in host memory) and ``"optimizer"`` (optimizer state only, as
@@ -47,8 +48,8 @@ def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
     """The checked spec, or ``None`` for one device with nothing sharded or offloaded.
 
     Raises:
-        ValueError: ``devices`` < 1, an unknown ``sharding``/``offload``, sharding with one device, or offload without
-            a sharded strategy.
+        ValueError: ``devices`` < 1, an unknown ``sharding``/``offload``, sharding with one device and no offload, or
+            offload without a sharded strategy.
 
     Example:
         >>> shard_spec(4, "full", "none")
@@ -63,8 +64,11 @@ def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
         raise ValueError(f"sharding must be 'full', 'grad_op' or 'none', got {sharding!r}")
     if offload not in OFFLOADED:
         raise ValueError(f"offload must be 'none', 'optimizer' or 'params', got {offload!r}")
-    if sharding != "none" and devices == 1:
-        raise ValueError(f"sharding={sharding!r} needs devices >= 2: one device has nothing to share its state with")
+    if sharding != "none" and devices == 1 and offload == "none":
+        raise ValueError(
+            f"sharding={sharding!r} needs devices >= 2 (one device has nothing to share its state with), or an "
+            "offload (FSDP2 on one card offloading to host memory)"
+        )
     if offload != "none" and sharding == "none":
         raise ValueError(
             f"offload={offload!r} needs a sharded strategy (sharding='full' or 'grad_op'): Lightning offloads through "
@@ -75,7 +79,9 @@ def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
             "sharding='none' with devices > 1 (DDP) is not modelled yet: its gradient buckets are not traced; "
             "estimate one device (each DDP rank holds what one device does, plus bucket copies of the gradients)"
         )
-    return None if devices == 1 else ShardSpec(devices, sharding, offload)  # type: ignore[arg-type]
+    if devices == 1 and sharding == "none":
+        return None
+    return ShardSpec(devices, sharding, offload)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -109,8 +115,6 @@ def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from lightning_lowvram.checkpointing import repeated_blocks
-
     if isinstance(module, L.LightningModule) and is_overridden("configure_model", module, L.LightningModule):
         module._device_mesh = mesh  # what ModelParallelStrategy sets before calling configure_model
         module.configure_model()
@@ -119,14 +123,32 @@ def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
                 f"{type(module).__name__}.configure_model applies no fully_shard: under devices={spec.devices} "
                 "sharding the parameters are not sharded (apply fully_shard to its blocks and itself)"
             )
-        if not isinstance(module, FSDPModule):
-            fully_shard(module, mesh=mesh["data_parallel"])  # the root, as Lightning's docs end configure_model
     else:
-        named = dict(module.named_modules())
-        for name in repeated_blocks(module):
-            fully_shard(named[name], mesh=mesh["data_parallel"])
-        fully_shard(module, mesh=mesh["data_parallel"])
-    module.set_reshard_after_forward(spec.sharding == "full")
+        _default_units(module, mesh["data_parallel"], fully_shard)
+    for unit in (m for m in module.modules() if isinstance(m, FSDPModule)):
+        unit.set_reshard_after_forward(spec.sharding == "full", recurse=False)
+
+
+def _default_units(module: nn.Module, mesh: Any, fully_shard: Any) -> None:
+    """Each repeated block a unit, then what ``training_step`` calls for the other parameters.
+
+    That is the module itself when it holds some directly, else each top-level child holding some (e.g. a wrapped
+    Hugging Face model, whose forward is what runs).
+    """
+    from lightning_lowvram.checkpointing import repeated_blocks
+
+    named = dict(module.named_modules())
+    blocks = repeated_blocks(module)
+    blocks = [n for n in blocks if not any(n.startswith(f"{other}.") for other in blocks)]  # outermost
+    for name in blocks:
+        fully_shard(named[name], mesh=mesh)
+    in_blocks = {id(p) for name in blocks for p in named[name].parameters()}
+    if any(id(p) not in in_blocks for p in module.parameters(recurse=False)):
+        fully_shard(module, mesh=mesh)
+        return
+    for child in module.children():
+        if any(id(p) not in in_blocks for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
 
 
 def offloaded(by_category: dict[str, int], offload: str) -> tuple[dict[str, int], int]:

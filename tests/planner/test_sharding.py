@@ -34,6 +34,9 @@ def test_offload_moves_the_sharded_state_to_host_memory():
     assert params.host == moved and params.peak == full.peak - moved and params.by_category["optimizer"] == 0
     assert optim.host == full.by_category["optimizer"] and optim.peak == full.peak - optim.host
     assert "in host memory" in str(params)
+    one_card = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=1, sharding="full", offload="params")
+    alone = estimate_step_memory(TinyGPT(n_layer=2), BATCH)
+    assert one_card.devices == 1 and one_card.host > 0 and one_card.peak < alone.peak  # FSDP2 on one card, offloaded
 
 
 class NoShard(L.LightningModule):
@@ -55,7 +58,7 @@ class NoShard(L.LightningModule):
     ("kwargs", "message"),
     [
         ({"devices": 0}, "devices must be an integer >= 1, got 0"),
-        ({"devices": 1, "sharding": "full"}, "sharding='full' needs devices >= 2"),
+        ({"devices": 1, "sharding": "full"}, "sharding='full' needs devices >= 2 .* or an offload"),
         ({"devices": 2, "sharding": "zero3"}, "sharding must be 'full', 'grad_op' or 'none'"),
         ({"devices": 2, "sharding": "none", "offload": "params"}, "offload='params' needs a sharded strategy"),
         ({"devices": 2, "sharding": "full", "offload": "disk"}, "offload must be 'none', 'optimizer' or 'params'"),
