@@ -77,7 +77,8 @@ def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
     if sharding == "none" and devices > 1:
         raise ValueError(
             "sharding='none' with devices > 1 (DDP) is not modelled yet: its gradient buckets are not traced; "
-            "estimate one device (each DDP rank holds what one device does, plus bucket copies of the gradients)"
+            "estimate one device (a DDP rank holds that plus its buckets, which DDP's docs size as the gradients "
+            "unless gradient_as_bucket_view=True)"
         )
     if devices == 1 and sharding == "none":
         return None

@@ -54,28 +54,36 @@ class RankOneBudget(Callback):
             self.budget.__exit__(None, None, None)
 
 
-def main(out: str, size: str, limit: str) -> None:
-    from tests.callbacks.test_auto_micro_batch import WideNet
-
-    L.seed_everything(0)
-    model = WideNet()
+def fit_two_ranks(model, out: str, size: str, budget: Callback, weights=None, **trainer_kwargs) -> None:
+    """Fit ``model`` on 2 CPU ranks with AutoMicroBatchCallback (size ``none``: without it) and ``budget``; each rank
+    saves ``OUT/rank<r>.pt``: its weights (``weights(model)``, default the state dict), the callback's state, its
+    peak and parameter bytes (our meter)."""
     data = OrderedDigits(batch_size=PER_RANK_BATCH, dtype="float64")
     data.setup("fit")
     micro = AutoMicroBatchCallback(micro_batch_size=int(size) if size.isdigit() else "auto")
     report = MemoryReportCallback(stages=["fit"], print_table=False)
     trainer = quiet_trainer(
         devices=2,
-        strategy="ddp",
         max_epochs=1,
         use_distributed_sampler=False,  # OrderedDigits shards itself, without shuffling
         limit_train_batches=BATCHES,
         limit_val_batches=0,
-        callbacks=([] if size == "none" else [micro]) + [report, RankOneBudget(int(limit))],
+        callbacks=([] if size == "none" else [micro]) + [report, budget],
+        **trainer_kwargs,
     )
     trainer.fit(model, datamodule=data)
-    state = {"weights": model.state_dict(), "micro": micro.state_dict(), "peak": report.reports["fit"].total}
+    stats = report.reports["fit"]
+    state = {"weights": (weights or (lambda m: m.state_dict()))(model), "micro": micro.state_dict()}
+    state |= {"peak": stats.total, "params": stats.by_category["parameters"]}
     state["micro_batch_size"] = micro.micro_batch_size
     torch.save(state, f"{out}/rank{trainer.global_rank}.pt")
+
+
+def main(out: str, size: str, limit: str) -> None:
+    from tests.callbacks.test_auto_micro_batch import WideNet
+
+    L.seed_everything(0)
+    fit_two_ranks(WideNet(), out, size, RankOneBudget(int(limit)), strategy="ddp")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,10 @@ parameter bytes (our meter).
 
 import sys
 
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
-from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback
-from tests.callbacks.ddp_micro_batch import BATCHES, PER_RANK_BATCH, OrderedDigits, RankOneBudget
-from tests.helpers import quiet_trainer
+from tests.callbacks.ddp_micro_batch import RankOneBudget, fit_two_ranks
 
 
 def sharded_net():
@@ -42,28 +39,11 @@ def main(out: str, size: str, limit: str, accumulate: str) -> None:
     import lightning as L
 
     L.seed_everything(0)
-    model = sharded_net()
-    data = OrderedDigits(batch_size=PER_RANK_BATCH, dtype="float64")
-    data.setup("fit")
-    micro = AutoMicroBatchCallback(micro_batch_size=int(size) if size.isdigit() else "auto")
-    report = MemoryReportCallback(stages=["fit"], print_table=False)
-    trainer = quiet_trainer(
-        accelerator="cpu",
-        devices=2,
+    fit_two_ranks(
+        sharded_net(), out, size, RankOneBudget(int(limit), start=1), weights=full_weights, accelerator="cpu",
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=1,
-        use_distributed_sampler=False,
-        limit_train_batches=BATCHES,
-        limit_val_batches=0,
         accumulate_grad_batches=int(accumulate),
-        callbacks=([] if size == "none" else [micro]) + [report, RankOneBudget(int(limit), start=1)],
-    )
-    trainer.fit(model, datamodule=data)
-    stats = report.reports["fit"]
-    state = {"weights": full_weights(model), "micro": micro.state_dict(), "peak": stats.total}
-    state["params"] = stats.by_category["parameters"]
-    state["micro_batch_size"] = micro.micro_batch_size
-    torch.save(state, f"{out}/rank{trainer.global_rank}.pt")
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -388,6 +388,7 @@ def test_fsdp2_forced_micro_batches_and_an_oom_on_one_rank_equal_the_unsplit_fsd
     """FSDP2 (fully_shard in configure_model, ModelParallelStrategy, 2 gloo processes), accumulation 2: forced
     micro-batches, and rank 1 alone out of memory at batch 1 (mid-window, the emulated budget's real OOM), give the
     unsplit run's weights; no hang (each run has a hard timeout), both ranks settle on the same size."""
+    from tests.callbacks import ddp_micro_batch as ddp
     from tests.callbacks import fsdp2_micro_batch as fsdp2
 
     def run(name, size, limit):
@@ -408,11 +409,11 @@ def test_fsdp2_forced_micro_batches_and_an_oom_on_one_rank_equal_the_unsplit_fsd
     # the per-rank estimate (FSDP2 traced over a fake process group in this process) against each rank's meter
     from lightning_lowvram.planner import estimate_step_memory
 
-    data = fsdp2.OrderedDigits(batch_size=2 * fsdp2.PER_RANK_BATCH, dtype="float64")
+    data = ddp.OrderedDigits(batch_size=2 * ddp.PER_RANK_BATCH, dtype="float64")
     data.setup("fit")
     window = next(iter(data.train_dataloader()))  # accumulation 2: a batch of 64 with the window's gradients present
     net = fsdp2.sharded_net()
-    estimate = estimate_step_memory(net, window, micro_batch_size=fsdp2.PER_RANK_BATCH, devices=2, sharding="full")
+    estimate = estimate_step_memory(net, window, micro_batch_size=ddp.PER_RANK_BATCH, devices=2, sharding="full")
     for r in (0, 1):
         assert abs(estimate.peak / reference[r]["peak"] - 1) <= 0.10, (estimate.peak, reference[r]["peak"])
 
