@@ -11,6 +11,7 @@ from lightning_lowvram.callbacks import (
     PruningCallback,
     plan_callbacks,
 )
+from lightning_lowvram.fsdp2 import FSDP2Strategy, apply_fsdp2
 from lightning_lowvram.memory import (
     GPUProfile,
     MemoryMeter,
@@ -32,6 +33,7 @@ __all__ = [
     "AutoMicroBatchCallback",
     "DynamicQuantCallback",
     "EightBitOptimizerCallback",
+    "FSDP2Strategy",
     "GPUProfile",
     "LowBitBaseCallback",
     "MemoryEstimate",
@@ -41,6 +43,7 @@ __all__ = [
     "PruningCallback",
     "MemoryStats",
     "format_bytes",
+    "apply_fsdp2",
     "estimate_step_memory",
     "gpu_profile",
     "is_oom_error",

@@ -8,8 +8,8 @@ and the activations of the local micro-batch are then what FSDP2 itself allocate
 meter on real two-process gloo FSDP2 runs (``tests/callbacks/test_auto_micro_batch.py``).
 
 Units: the module's own ``configure_model`` when it overrides it (Lightning's FSDP2 convention: ``fully_shard`` on
-``self.device_mesh["data_parallel"]``), else each repeated block (``checkpointing.repeated_blocks``) and then what
-``training_step`` calls for the other parameters (the module, or its top-level children such as a wrapped model).
+``self.device_mesh["data_parallel"]``), else :func:`lightning_lowvram.fsdp2.apply_fsdp2`'s (each repeated block, then
+what ``training_step`` calls), the units ``FSDP2Strategy`` applies in the run.
 ``sharding="grad_op"`` keeps parameters unsharded between forward and backward (``set_reshard_after_forward(False)``,
 ZeRO-2-like). Offload is modelled from the traced categories: ``"params"`` (FSDP2's ``CPUOffloadPolicy``: sharded
 parameters, gradients and optimizer state live in host memory) and ``"optimizer"`` (optimizer state only, as
@@ -51,6 +51,8 @@ def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
         ValueError: ``devices`` < 1, an unknown ``sharding``/``offload``, sharding with one device and no offload, or
             offload without a sharded strategy.
 
+    ``sharding="none"`` with several devices is DDP: every rank holds the whole state plus DDP's gradient buckets.
+
     Example:
         >>> shard_spec(4, "full", "none")
         ShardSpec(devices=4, sharding='full', offload='none')
@@ -73,12 +75,6 @@ def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
         raise ValueError(
             f"offload={offload!r} needs a sharded strategy (sharding='full' or 'grad_op'): Lightning offloads through "
             "FSDP2's CPUOffloadPolicy"
-        )
-    if sharding == "none" and devices > 1:
-        raise ValueError(
-            "sharding='none' with devices > 1 (DDP) is not modelled yet: its gradient buckets are not traced; "
-            "estimate one device (a DDP rank holds that plus its buckets, which DDP's docs size as the gradients "
-            "unless gradient_as_bucket_view=True)"
         )
     if devices == 1 and sharding == "none":
         return None
@@ -111,11 +107,14 @@ def fake_world(devices: int) -> Iterator[Any]:
 
 
 def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
-    """Apply FSDP2 to ``module`` (a copy) as a Lightning run on ``spec.devices`` ranks would."""
+    """Apply FSDP2 to ``module`` (a copy) as a Lightning run with ``FSDP2Strategy`` on ``spec.devices`` ranks would."""
     import lightning as L
     from lightning.pytorch.utilities.model_helpers import is_overridden
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
+    from lightning_lowvram.fsdp2 import apply_fsdp2
+
+    reshard = spec.sharding == "full"
     if isinstance(module, L.LightningModule) and is_overridden("configure_model", module, L.LightningModule):
         module._device_mesh = mesh  # what ModelParallelStrategy sets before calling configure_model
         module.configure_model()
@@ -124,32 +123,10 @@ def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
                 f"{type(module).__name__}.configure_model applies no fully_shard: under devices={spec.devices} "
                 "sharding the parameters are not sharded (apply fully_shard to its blocks and itself)"
             )
-    else:
-        _default_units(module, mesh["data_parallel"], fully_shard)
-    for unit in (m for m in module.modules() if isinstance(m, FSDPModule)):
-        unit.set_reshard_after_forward(spec.sharding == "full", recurse=False)
-
-
-def _default_units(module: nn.Module, mesh: Any, fully_shard: Any) -> None:
-    """Each repeated block a unit, then what ``training_step`` calls for the other parameters.
-
-    That is the module itself when it holds some directly, else each top-level child holding some (e.g. a wrapped
-    Hugging Face model, whose forward is what runs).
-    """
-    from lightning_lowvram.checkpointing import repeated_blocks
-
-    named = dict(module.named_modules())
-    blocks = repeated_blocks(module)
-    blocks = [n for n in blocks if not any(n.startswith(f"{other}.") for other in blocks)]  # outermost
-    for name in blocks:
-        fully_shard(named[name], mesh=mesh)
-    in_blocks = {id(p) for name in blocks for p in named[name].parameters()}
-    if any(id(p) not in in_blocks for p in module.parameters(recurse=False)):
-        fully_shard(module, mesh=mesh)
-        return
-    for child in module.children():
-        if any(id(p) not in in_blocks for p in child.parameters()):
-            fully_shard(child, mesh=mesh)
+        for unit in (m for m in module.modules() if isinstance(m, FSDPModule)):
+            unit.set_reshard_after_forward(reshard, recurse=False)
+    else:  # offload is modelled from the traced categories (CPUOffloadPolicy needs an accelerator to trace)
+        apply_fsdp2(module, mesh["data_parallel"], reshard_after_forward=reshard)
 
 
 def offloaded(by_category: dict[str, int], offload: str) -> tuple[dict[str, int], int]:

@@ -62,7 +62,6 @@ class NoShard(L.LightningModule):
         ({"devices": 2, "sharding": "zero3"}, "sharding must be 'full', 'grad_op' or 'none'"),
         ({"devices": 2, "sharding": "none", "offload": "params"}, "offload='params' needs a sharded strategy"),
         ({"devices": 2, "sharding": "full", "offload": "disk"}, "offload must be 'none', 'optimizer' or 'params'"),
-        ({"devices": 2}, "sharding='none' with devices > 1 .DDP. is not modelled yet"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
@@ -73,3 +72,11 @@ def test_bad_settings_are_named(kwargs, message):
 def test_configure_model_without_fully_shard_is_named():
     with pytest.raises(ValueError, match="NoShard.configure_model applies no fully_shard"):
         estimate_step_memory(NoShard(), torch.zeros(2, 4), devices=2, sharding="full")
+
+
+def test_ddp_ranks_hold_one_device_s_step_plus_the_gradient_buckets():
+    one = estimate_step_memory(TinyGPT(n_layer=2), BATCH)
+    ddp = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=4)  # sharding="none": DDP
+    grads = sum(p.numel() * 4 for p in TinyGPT(n_layer=2).parameters())
+    assert ddp.devices == 4 and ddp.peak == one.peak + grads and ddp.host == 0
+    assert ddp.by_category["gradients"] == one.by_category["gradients"] + grads
