@@ -118,6 +118,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reshard_after_forward, self.cpu_offload = reshard_after_forward, cpu_offload
 
     @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":  # every process (ModelParallelStrategy's "auto" is the node count)
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    @override
     def setup(self, trainer: Any) -> None:
         from lightning.pytorch.utilities.model_helpers import is_overridden
         from torch.distributed.fsdp import FSDPModule
@@ -125,8 +131,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         module = self.lightning_module
         if self.cpu_offload and self.root_device.type != "cuda":
             raise ValueError(
-                f"FSDP2Strategy: cpu_offload=True needs CUDA devices (FSDP2's CPUOffloadPolicy copies to an accelerator), "
-                f"got {self.root_device.type}: on the CPU the state already is in host memory"
+                "FSDP2Strategy: cpu_offload=True needs CUDA devices (FSDP2's CPUOffloadPolicy copies to an "
+                f"accelerator), got {self.root_device.type}: on the CPU the state already is in host memory"
             )
         if is_overridden("configure_model", module):
             units = [m for m in module.modules() if isinstance(m, FSDPModule)]

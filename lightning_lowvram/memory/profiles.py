@@ -45,6 +45,9 @@ class GPUProfile:
         tensor_tflops: Peak dense FP16/BF16 tensor TFLOPS with FP32 accumulate (FP16 rate on cards without tensor
             cores).
         bandwidth_gbs: Peak memory bandwidth in GB/s.
+        interconnect_gbs: Card-to-card bandwidth in GB/s per direction (NVLink, else PCIe): what the step-time model
+            charges FSDP2's and DDP's collectives at.
+        pcie_gbs: Host-to-card bandwidth in GB/s per direction: what it charges CPU offload's copies at.
 
     Example:
         >>> gpu_profile("rtx3060_12gb").bf16
@@ -62,6 +65,8 @@ class GPUProfile:
     fp32_tflops: float | None = None
     tensor_tflops: float | None = None
     bandwidth_gbs: float | None = None
+    interconnect_gbs: float | None = None
+    pcie_gbs: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("memory_gib", "free_gib", "context_mib"):
@@ -76,7 +81,7 @@ class GPUProfile:
             raise ValueError(f"gpu.memory_gib must be > 0 (or null for no limit), got {self.memory_gib!r}")
         if self.free_gib is not None and self.free_gib <= 0:
             raise ValueError(f"gpu.free_gib must be > 0 (or null: the whole card), got {self.free_gib!r}")
-        for key in ("fp32_tflops", "tensor_tflops", "bandwidth_gbs"):
+        for key in ("fp32_tflops", "tensor_tflops", "bandwidth_gbs", "interconnect_gbs", "pcie_gbs"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
                 raise ValueError(f"gpu.{key} must be a number > 0 (or null), got {value!r}")
@@ -166,6 +171,8 @@ def detect_gpu(device: int | None = None) -> GPUProfile:
         fp32_tflops=spec.fp32_tflops if spec else None,  # throughput of the shipped profile of the same name
         tensor_tflops=spec.tensor_tflops if spec else None,
         bandwidth_gbs=spec.bandwidth_gbs if spec else None,
+        interconnect_gbs=spec.interconnect_gbs if spec else None,
+        pcie_gbs=spec.pcie_gbs if spec else None,
     )
 
 

@@ -29,7 +29,7 @@ from lightning_lowvram.planner.estimate import (
     estimate_step_memory,
     with_8bit_optimizer,
 )
-from lightning_lowvram.planner.timing import rates_of
+from lightning_lowvram.planner.timing import Traffic, rates_of, traffic_of
 
 Saving = tuple[int, int]  # (bytes a low-bit frozen base saves, its largest layer's dequantization transient)
 
@@ -47,6 +47,9 @@ class Candidate:
     fits: bool
     step_time: float  # predicted seconds per optimizer step on the card
     traced: bool = True  # traced at this micro-batch size (else extrapolated from sizes 1 and 2)
+    devices: int = 1
+    sharding: str = "none"  # "none" (one card, or DDP), "full" / "grad_op" (FSDP2Strategy's reshard_after_forward)
+    offload: str = "none"  # "params": FSDP2's CPU offload (FSDP2Strategy(cpu_offload=True))
 
     @property
     def int8_base(self) -> bool:
@@ -54,8 +57,18 @@ class Candidate:
         return self.base_bits == 8
 
     @property
+    def layout(self) -> str:
+        """Where the state lives: ``""`` (one card), ``"DDP x4"``, ``"FSDP2 x4"``, ``"FSDP2 + CPU offload"``..."""
+        if self.sharding == "none":
+            return f"DDP x{self.devices}" if self.devices > 1 else ""
+        name = "FSDP2" if self.sharding == "full" else "FSDP2 grad_op"
+        name += f" x{self.devices}" if self.devices > 1 else ""
+        return name + (" + CPU offload" if self.offload != "none" else "")
+
+    @property
     def label(self) -> str:
-        parts = [self.precision, f"micro-batch {self.micro_batch_size}"]
+        parts = [self.layout] if self.layout else []
+        parts += [self.precision, f"micro-batch {self.micro_batch_size}"]
         parts += ["8-bit optimizer"] if self.optimizer_8bit else []
         parts += [{8: "int8 frozen base", 4: "NF4 frozen base"}[self.base_bits]] if self.base_bits else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
@@ -72,23 +85,33 @@ class Plan:
     candidates: list[Candidate]
     chosen: Candidate | None
     skipped: tuple[str, ...] = ()  # settings not traced because they cannot be faster than one that fits
+    devices: int = 1
 
     def table(self) -> str:
         """The candidates as text, the chosen one marked; peaks are tensor bytes (the context allowance apart)."""
         fastest = min((c.step_time for c in self.candidates if c.fits), default=None)
+        cards = f"{self.devices} x {self.gpu.name}, per rank" if self.devices > 1 else self.gpu.name
+        host = any(c.estimate.host for c in self.candidates)
+        width = max(58, *(len(c.label) + 2 for c in self.candidates))
         lines = [
-            f"plan for {self.gpu.name}: tensors must stay under {format_bytes(self.budget)} (the card minus its "
-            f"context, with margin); batch {self.batch_size} kept",
-            f"  {'':2}{'setting':58} {'tensor peak':>12} {'fits':>5} {'s/step':>8} {'vs best':>8}",
+            f"plan for {cards}: tensors must stay under {format_bytes(self.budget)} (the card minus its "
+            f"context, with margin); batch {self.batch_size}{' a rank' if self.devices > 1 else ''} kept",
+            f"  {'':2}{'setting':{width}} {'tensor peak':>12}"
+            + (f" {'host':>10}" if host else "")
+            + f" {'fits':>5} {'s/step':>8} {'vs best':>8}",
         ]
         for c in self.candidates:
             mark = "->" if c is self.chosen else ""
             fits = "yes" if c.fits else "no"
             versus = f"{c.step_time / fastest:.2f}x" if fastest else "-"
             how = "" if c.traced else " ~"
-            peak = format_bytes(tensor_peak(c))
-            lines.append(f"  {mark:2}{c.label + how:58} {peak:>12} {fits:>5} {c.step_time:>8.3f} {versus:>8}")
-        lines.append("  (~: extrapolated from micro-batches of 1 and 2; the others traced; s/step: predicted)")
+            peak = format_bytes(tensor_peak(c)) + (f" {format_bytes(c.estimate.host):>10}" if host else "")
+            lines.append(f"  {mark:2}{c.label + how:{width}} {peak:>12} {fits:>5} {c.step_time:>8.3f} {versus:>8}")
+        lines.append(
+            "  (~: extrapolated from micro-batches of 1 and 2; the others traced; s/step: predicted"
+            + ("; host: host memory a rank needs for offloaded state" if host else "")
+            + ")"
+        )
         if self.skipped:
             lines.append(f"  not traced, cannot be faster than one that fits: {'; '.join(self.skipped)}")
         if self.chosen is None:
@@ -107,8 +130,25 @@ class Plan:
         )
 
     def trainer_kwargs(self) -> dict[str, Any]:
-        """Trainer arguments of the chosen setting."""
-        return {"precision": self.chosen.precision} if self.chosen else {}
+        """Trainer arguments of the chosen setting: precision, and the strategy object and devices when it spans cards.
+
+        Example:
+            >>> # lightning.Trainer(callbacks=plan_callbacks(p), **p.trainer_kwargs())
+
+        """
+        if self.chosen is None:
+            return {}
+        kwargs: dict[str, Any] = {"precision": self.chosen.precision}
+        c = self.chosen
+        if c.sharding != "none":
+            from lightning_lowvram.fsdp2 import FSDP2Strategy
+
+            offload = c.offload != "none"
+            kwargs["strategy"] = FSDP2Strategy(reshard_after_forward=c.sharding == "full", cpu_offload=offload)
+            kwargs["devices"] = c.devices
+        elif c.devices > 1:
+            kwargs |= {"strategy": "ddp", "devices": c.devices}
+        return kwargs
 
     def overrides(self) -> list[str]:
         """The same as Hydra overrides of the `lowvram` app."""
@@ -124,6 +164,12 @@ class Plan:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
         if self.chosen.base_bits:
             out += [f"callbacks.lowvram_low_bit_base.bits={self.chosen.base_bits}"]
+        c = self.chosen
+        if c.sharding != "none":
+            out += [f"strategy={'fsdp2_offload' if c.offload != 'none' else 'fsdp2'}"]
+            out += [] if c.sharding == "full" else ["strategy.trainer_strategy.reshard_after_forward=false"]
+        if c.devices > 1:
+            out += [f"trainer.devices={c.devices}"] + ([] if c.sharding != "none" else ["+trainer.strategy=ddp"])
         return out
 
 
@@ -132,11 +178,16 @@ def tensor_peak(candidate: Candidate) -> int:
     return candidate.estimate.peak - candidate.estimate.allowance
 
 
+Layout = tuple[str, str]  # (sharding, offload)
+
+
 def plan(
     module: nn.Module,
     batch: Any,
     gpu: str | GPUProfile,
     *,
+    devices: int = 1,
+    allow_offload: bool = True,
     margin: float = 0.1,
     allow_int8_base: bool = False,
     allow_low_bit_base: bool = False,
@@ -146,8 +197,18 @@ def plan(
 
     Args:
         module: The LightningModule (its ``training_step`` and ``configure_optimizers``).
-        batch: A training batch as the loader yields it (its size is the batch kept).
+        batch: A training batch as the loader yields it (its size is the batch kept); with ``devices`` > 1, one
+            rank's batch.
         gpu: A card profile or its name.
+        devices: Cards of that kind. With more than one, each setting is also tried under DDP, FSDP2 with parameters
+            kept between forward and backward (``grad_op``) and FSDP2 resharding them (``full``), in that order of
+            traffic; the peaks are per rank (``estimate_step_memory(devices=...)``) and the step time charges the
+            collectives at ``GPUProfile.interconnect_gbs`` (:mod:`.timing`). The 8-bit optimizer and a low-bit base
+            are tried without FSDP2 only (not modelled sharded).
+        allow_offload: When nothing fits on the cards, also try FSDP2 with CPU offload (sharded parameters,
+            gradients and optimizer state in host memory, the optimizer step on the CPU; on one card too), its copies
+            charged at ``GPUProfile.pcie_gbs`` (a profile without it skips offload); its host memory is in
+            ``estimate.host``.
         margin: Fraction of the card's tensor memory kept free.
         allow_int8_base: Frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
             ``LowBitBaseCallback(bits=8)`` does; off by default because it changes the base's numerics.
@@ -159,8 +220,9 @@ def plan(
             ``("32-true",)`` when you need float32 numerics.
 
     Raises:
-        ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput the time model
-            needs, a margin outside [0, 1), or an unknown precision.
+        ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput (or, for
+            several cards or offload, the link bandwidths) the time model needs, ``devices`` < 1, a margin outside
+            [0, 1), or an unknown precision.
 
     Example:
         >>> import torch
@@ -174,6 +236,10 @@ def plan(
     if profile.usable_bytes is None:
         raise ValueError(f"gpu {profile.name!r} has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
     rates_of(profile)  # a card without throughput numbers: the error now
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
+    if devices > 1 and profile.interconnect_gbs is None:
+        raise ValueError(f"gpu {profile.name!r} has no interconnect_gbs: planning across cards needs it (conf/gpu)")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin!r}")
     if precisions is None:
@@ -189,23 +255,20 @@ def plan(
     allowed = [8, 4] if allow_low_bit_base else allowed
     savings = {bits: _base_saving(module, bits) for bits in allowed}
     savings = {bits: saving for bits, saving in savings.items() if saving[0] > 0}
-    search = _Search(module, batch, profile, budget, n, savings)
-    checkpointing = [False, True] if _has_blocks(module) else [False]
-    eight_bit = [False, True] if adam_optimizer(module) is not None else [False]
-    base_bits = [0, *savings]
+    search = _Search(module, batch, profile, budget, n, savings, devices)
     sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
-
-    plain = search.extrapolated("32-true" if "32-true" in precisions else precisions[0], n, False, False, 0)
-    candidates, skipped = [plain], []
-    for ckpt in checkpointing:  # without checkpointing first: it bounds what checkpointing could win
-        for precision in precisions:
-            if ckpt and _cannot_win(search, candidates, precision, n):
-                skipped.append(f"{precision}, checkpointing")
-                continue
-            for optim8, base8 in itertools.product(eight_bit, base_bits):
-                options = [search.extrapolated(precision, m, ckpt, optim8, base8) for m in sizes]
-                fitting = [c for c in options if c.fits]
-                candidates.append(fitting[0] if fitting else options[-1])  # the largest that fits, else the smallest
+    first = "32-true" if "32-true" in precisions else precisions[0]
+    candidates = [search.extrapolated(first, n, False, False, 0, ("none", "none"))]  # the plain setup
+    skipped: list[str] = []
+    layouts: list[Layout] = [("none", "none")] + ([("grad_op", "none"), ("full", "none")] if devices > 1 else [])
+    for layout in layouts:  # least traffic first: what fits there bounds what more traffic could win
+        _search_layout(search, layout, precisions, sizes, candidates, skipped)
+    if allow_offload and profile.pcie_gbs is None:
+        skipped.append(f"FSDP2 + CPU offload (gpu {profile.name!r} has no pcie_gbs to price it)")
+    elif allow_offload and not any(c.fits for c in candidates):
+        _search_layout(search, ("full", "params"), precisions, sizes, candidates, skipped)
+    elif allow_offload:
+        skipped.append("FSDP2 + CPU offload (tried only when nothing fits on the cards)")
     chosen = None
     pending = sorted((c for c in candidates if c.fits), key=_rank)
     while pending:  # confirm the fastest by tracing it at its own size; if the extrapolation was optimistic, go on
@@ -223,7 +286,33 @@ def plan(
                 pending = sorted([*pending, retry], key=_rank)
     ordered = [candidates[0]] + sorted(candidates[1:], key=lambda c: (not c.fits, *_rank(c)))
     unique = {c.label: c for c in reversed(ordered)}  # one row a setting (the plain one first)
-    return Plan(profile, n, budget, sorted(unique.values(), key=ordered.index), chosen, tuple(skipped))
+    rows = sorted(unique.values(), key=ordered.index)
+    return Plan(profile, n, budget, rows, chosen, tuple(skipped), devices)
+
+
+def _search_layout(
+    search: _Search, layout: Layout, precisions: Any, sizes: list[int], candidates: list[Candidate], skipped: list[str]
+) -> None:
+    """Add the largest micro-batch that fits under ``layout`` (else the smallest tried), per setting.
+
+    Settings: precision x checkpointing (x 8-bit optimizer x low-bit base, unsharded only); what cannot beat a fitting
+    candidate is skipped.
+    """
+    n = search.n
+    checkpointing = [False, True] if _has_blocks(search.module) else [False]
+    unsharded = layout[0] == "none"
+    eight_bit = [False, True] if unsharded and adam_optimizer(search.module) is not None else [False]
+    base_bits = [0, *search.savings] if unsharded else [0]
+    name = dataclasses.replace(candidates[0], devices=search.devices, sharding=layout[0], offload=layout[1]).layout
+    for ckpt in checkpointing:  # without checkpointing first: it bounds what checkpointing could win
+        for precision in precisions:
+            if (ckpt or not unsharded) and _cannot_win(search, candidates, precision, n, layout):
+                skipped.append(", ".join(p for p in (name, precision, "checkpointing" if ckpt else "") if p))
+                continue
+            for optim8, base8 in itertools.product(eight_bit, base_bits):
+                options = [search.extrapolated(precision, m, ckpt, optim8, base8, layout) for m in sizes]
+                fitting = [c for c in options if c.fits]
+                candidates.append(fitting[0] if fitting else options[-1])  # the largest that fits, else the smallest
 
 
 def _rank(c: Candidate) -> tuple[float, int, int]:
@@ -233,16 +322,17 @@ def _rank(c: Candidate) -> tuple[float, int, int]:
     changes less of the user's setup wins the tie.
     """
     changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit + bool(c.base_bits)
+    changes += (c.sharding != "none") + (c.offload != "none")
     return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
 
 
-def _cannot_win(search: _Search, candidates: list[Candidate], precision: str, n: int) -> bool:
-    """Whether checkpointing at ``precision`` cannot beat a fitting candidate, so it need not be traced.
+def _cannot_win(search: _Search, candidates: list[Candidate], precision: str, n: int, layout: Layout) -> bool:
+    """Whether ``layout`` at ``precision`` cannot beat a fitting candidate, so it need not be traced further.
 
-    Checkpointing only adds work per sample: at best it matches the step without it at the whole batch.
+    Checkpointing and smaller micro-batches only add work: at best a layout matches its step at the whole batch.
     """
     best = min((c.step_time for c in candidates if c.fits), default=math.inf)
-    return best <= search.extrapolated(precision, n, False, False, 0).step_time
+    return best <= search.extrapolated(precision, n, False, False, 0, layout).step_time
 
 
 class _Search:
@@ -256,27 +346,39 @@ class _Search:
         budget: int,
         n: int,
         savings: dict[int, tuple[int, int]],
+        devices: int = 1,
     ) -> None:
         self.module, self.batch, self.profile, self.budget, self.n = module, batch, profile, budget, n
         self.savings = savings  # bits -> (bytes a low-bit frozen base saves, the dequantization transient)
-        self.cache: dict[tuple[str, int, bool], MemoryEstimate] = {}
+        self.devices = devices
+        self.cache: dict[tuple[str, int, bool, Layout], MemoryEstimate] = {}
 
-    def trace(self, precision: str, micro: int, ckpt: bool) -> MemoryEstimate:
-        key = (precision, micro, ckpt)
+    def trace(self, precision: str, micro: int, ckpt: bool, layout: Layout) -> MemoryEstimate:
+        key = (precision, micro, ckpt, layout)
         if key not in self.cache:
             self.cache[key] = estimate_step_memory(
                 self.module, self.batch, micro_batch_size=micro, precision=precision,
-                activation_checkpointing=ckpt, gpu=self.profile,
+                activation_checkpointing=ckpt, gpu=self.profile, devices=self.devices, sharding=layout[0],  # type: ignore[arg-type]
+                offload=layout[1],  # type: ignore[arg-type]
             )  # fmt: skip
         return self.cache[key]
 
+    def traffic(self, precision: str, layout: Layout) -> Traffic:
+        """One rank's bytes per micro-batch across cards and over PCIe (parameters as stored, trainable gradients)."""
+        size = 2 if precision == "bf16-true" else None
+        params = list(self.module.parameters())
+        param_bytes = sum(p.numel() * (size or p.element_size()) for p in params)
+        grad_bytes = sum(p.numel() * (size or p.element_size()) for p in params if p.requires_grad)
+        return traffic_of(self.devices, layout[0], layout[1], param_bytes, grad_bytes)
+
     @staticmethod
-    def key(c: Candidate) -> tuple[str, int, bool, bool, int]:
-        return c.precision, c.micro_batch_size, c.activation_checkpointing, c.optimizer_8bit, c.base_bits
+    def key(c: Candidate) -> tuple[str, int, bool, bool, int, Layout]:
+        layout = (c.sharding, c.offload)
+        return c.precision, c.micro_batch_size, c.activation_checkpointing, c.optimizer_8bit, c.base_bits, layout
 
     def _candidate(
-        self, precision: str, micro: int, ckpt: bool, optim8: bool, base_bits: int, estimate: MemoryEstimate,
-        seconds: float, traced: bool,
+        self, precision: str, micro: int, ckpt: bool, optim8: bool, base_bits: int, layout: Layout,
+        estimate: MemoryEstimate, seconds: float, traced: bool,
     ) -> Candidate:  # fmt: skip
         if optim8:
             estimate = with_8bit_optimizer(estimate, self.module)
@@ -286,17 +388,21 @@ class _Search:
             by_category["temporaries"] = by_category.get("temporaries", 0) + transient  # a layer's dequantization
             estimate = dataclasses.replace(estimate, peak=estimate.peak - saved + transient, by_category=by_category)
         fits = estimate.peak - estimate.allowance <= self.budget
-        return Candidate(precision, micro, ckpt, optim8, base_bits, estimate, fits, seconds, traced)
+        return Candidate(
+            precision, micro, ckpt, optim8, base_bits, estimate, fits, seconds, traced, self.devices, *layout
+        )
 
-    def traced(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int) -> Candidate:
-        estimate = self.trace(precision, micro, ckpt)
-        seconds = estimate.work.seconds(self.profile, math.ceil(self.n / micro))
-        return self._candidate(precision, micro, ckpt, optim8, base8, estimate, seconds, True)
+    def traced(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int, layout: Layout) -> Candidate:
+        estimate = self.trace(precision, micro, ckpt, layout)
+        seconds = estimate.work.seconds(self.profile, math.ceil(self.n / micro), self.traffic(precision, layout))
+        return self._candidate(precision, micro, ckpt, optim8, base8, layout, estimate, seconds, True)
 
-    def extrapolated(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int) -> Candidate:
-        if (precision, micro, ckpt) in self.cache or micro <= 2:
-            return self.traced(precision, micro, ckpt, optim8, base8)
-        one, two = self.trace(precision, 1, ckpt), self.trace(precision, min(2, self.n), ckpt)
+    def extrapolated(
+        self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int, layout: Layout
+    ) -> Candidate:
+        if (precision, micro, ckpt, layout) in self.cache or micro <= 2:
+            return self.traced(precision, micro, ckpt, optim8, base8, layout)
+        one, two = self.trace(precision, 1, ckpt, layout), self.trace(precision, min(2, self.n), ckpt, layout)
         grow = micro - 1
 
         def line(a: int, b: int) -> int:
@@ -314,10 +420,12 @@ class _Search:
         estimate = dataclasses.replace(
             two, peak=peak + two.allowance, by_phase=by_phase, by_category=by_category, work=None, method="extrapolated"
         )
-        per_micro = [e.work.seconds(self.profile, 1) - e.work.seconds(self.profile, 0) for e in (one, two)]
+        traffic = self.traffic(precision, layout)
+        per_micro = [e.work.seconds(self.profile, 1, traffic) - e.work.seconds(self.profile, 0, traffic)
+                     for e in (one, two)]  # fmt: skip
         micro_seconds = per_micro[0] + (per_micro[1] - per_micro[0]) * grow
-        seconds = math.ceil(self.n / micro) * micro_seconds + two.work.seconds(self.profile, 0)
-        return self._candidate(precision, micro, ckpt, optim8, base8, estimate, seconds, False)
+        seconds = math.ceil(self.n / micro) * micro_seconds + two.work.seconds(self.profile, 0, traffic)
+        return self._candidate(precision, micro, ckpt, optim8, base8, layout, estimate, seconds, False)
 
 
 def _base_saving(module: nn.Module, bits: int) -> tuple[int, int]:

@@ -17,6 +17,14 @@ measured under an 8 GB cap, held out: the predicted order matches the measured o
 is predicted at 0.76 s (measured 0.80 s), but the bf16 gain under the cap is over-predicted (0.39-0.53x of fp32
 predicted, 0.65-0.73x measured). FLOPs and bytes are counted by formula, not measured on kernels: read the three as
 fitted numbers, not as hardware facts. One card, one model: the model ranks settings; its absolute seconds are rough.
+
+Several cards and offload (:class:`Traffic`): the bytes one rank sends per micro-batch over the card-to-card link
+(ring collectives: DDP's all-reduce ``2 (N-1)/N x gradients``; FSDP2's all-gathers ``(N-1)/N x parameters``, twice with
+``reshard_after_forward``, and its reduce-scatter ``(N-1)/N x gradients``, every backward) are charged at
+``GPUProfile.interconnect_gbs``; CPU offload's copies (the rank's shard of the parameters to the card for each
+all-gather, its gradients back) at ``pcie_gbs``, and the offloaded optimizer step at :data:`HOST_BANDWIDTH_GBS`. All at
+peak and in full, not overlapped with compute (FSDP2 and DDP overlap much of it): these times err slow, and none of
+them has been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ MATMUL_EFFICIENCY = 0.9  # achieved / peak rate of the FLOP-heavy kernels
 BANDWIDTH_EFFICIENCY = 0.5  # achieved / peak bandwidth, as counted here (every op's inputs + outputs, no fusion)
 LAUNCH_S = 1e-5  # seconds per kernel: launch plus eager PyTorch's dispatch (NVIDIA quotes ~5 us for the launch)
 
+#: host memory bandwidth for an offloaded optimizer step (memory-bound): dual-channel DDR4-3200, 2 x 25.6 GB/s (JEDEC
+#: JESD79-4 data rate x 8 bytes), a common desktop; servers have more channels
+HOST_BANDWIDTH_GBS = 51.2
+
 _VIEWS = {  # ops that launch no kernel: views, metadata, uninitialised allocations
     "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided", "detach", "alias",
     "unsqueeze", "squeeze", "slice", "select", "split", "split_with_sizes", "unbind", "chunk", "narrow",
@@ -50,9 +62,13 @@ class StepWork:
     micro: tuple[tuple[str, float, float], ...]  # per op: (kind, flops, bytes), kind in tensor / tf32 / fp32
     optimizer: tuple[tuple[str, float, float], ...]
 
-    def seconds(self, gpu: GPUProfile, micro_batches: int) -> float:
-        """Predicted seconds of a step of ``micro_batches`` micro-batches on ``gpu``."""
-        return micro_batches * _price(self.micro, gpu) + _price(self.optimizer, gpu)
+    def seconds(self, gpu: GPUProfile, micro_batches: int, traffic: Traffic | None = None) -> float:
+        """Predicted seconds of a step of ``micro_batches`` micro-batches on ``gpu``, with one rank's ``traffic``."""
+        traffic = traffic or Traffic()
+        optimizer = _price(self.optimizer, gpu)
+        if traffic.host_optimizer:
+            optimizer = sum(moved for _, _, moved in self.optimizer) / (HOST_BANDWIDTH_GBS * 1e9)
+        return micro_batches * (_price(self.micro, gpu) + traffic.seconds(gpu)) + optimizer
 
     def flops(self, part: str = "micro") -> dict[str, float]:
         """FLOPs by kind (``tensor``, ``tf32``, ``fp32``) of ``"micro"`` or ``"optimizer"``."""
@@ -60,6 +76,48 @@ class StepWork:
         for kind, flops, _ in getattr(self, part):
             totals[kind] += flops
         return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Bytes one rank moves per micro-batch across cards and over PCIe; whether its optimizer steps on the host."""
+
+    interconnect: float = 0.0
+    pcie: float = 0.0
+    host_optimizer: bool = False
+
+    def seconds(self, gpu: GPUProfile) -> float:
+        """The copies' seconds per micro-batch at the card's peak link bandwidths (no overlap with compute).
+
+        Raises:
+            ValueError: A link the traffic crosses has no bandwidth in the profile.
+
+        """
+        total = 0.0
+        for moved, key in ((self.interconnect, "interconnect_gbs"), (self.pcie, "pcie_gbs")):
+            if moved:
+                if getattr(gpu, key) is None:
+                    raise ValueError(f"gpu {gpu.name!r} has no {key}: the step-time model needs it (conf/gpu)")
+                total += moved / (getattr(gpu, key) * 1e9)
+        return total
+
+
+def traffic_of(devices: int, sharding: str, offload: str, param_bytes: int, grad_bytes: int) -> Traffic:
+    """One rank's :class:`Traffic` per micro-batch for ``devices`` ranks (see the module docstring).
+
+    Example:
+        >>> traffic_of(4, "full", "none", param_bytes=400, grad_bytes=400).interconnect  # 3/4 x (2 x 400 + 400)
+        900.0
+
+    """
+    ring = (devices - 1) / devices
+    if sharding == "none":
+        return Traffic(interconnect=2 * ring * grad_bytes)  # DDP's all-reduce (nothing with one device)
+    gathers = 2 if sharding == "full" else 1
+    interconnect = ring * (gathers * param_bytes + grad_bytes)
+    if offload == "none":
+        return Traffic(interconnect=interconnect)
+    return Traffic(interconnect, (gathers * param_bytes + grad_bytes) / devices, host_optimizer=True)
 
 
 def _price(ops: tuple[tuple[str, float, float], ...], gpu: GPUProfile) -> float:
@@ -115,7 +173,8 @@ class WorkCounter(TorchDispatchMode):
         packet = func.overloadpacket
         flops = self.registry[packet](*args, **kwargs, out_val=out) if packet in self.registry else 0
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)] + outputs
-        moved = sum(t.numel() * t.element_size() for t in tensors)
+        # a sharded (FSDP2) tensor moves its local shard: each rank updates its own part of the optimizer state
+        moved = sum(getattr(t, "_local_tensor", t).numel() * t.element_size() for t in tensors)
         first = next((t for t in tensors if t.is_floating_point()), None)
         low = first is not None and first.dtype in (torch.bfloat16, torch.float16)
         kind = "tensor" if low else ("tf32" if name in _CONV else "fp32")

@@ -398,7 +398,8 @@ def test_ddp_oom_on_one_rank_moves_both_ranks_to_the_same_size(tmp_path):
 def test_fsdp2_forced_micro_batches_and_an_oom_on_one_rank_equal_the_unsplit_fsdp2_run(tmp_path):
     """FSDP2 (fully_shard in configure_model, ModelParallelStrategy, 2 gloo processes), accumulation 2: forced
     micro-batches, and rank 1 alone out of memory at batch 1 (mid-window, the emulated budget's real OOM), give the
-    unsplit run's weights; no hang (each run has a hard timeout), both ranks settle on the same size."""
+    unsplit run's weights; no hang (each run has a hard timeout), both ranks settle on the same size. FSDP2Strategy
+    (what a plan across cards returns) on the module without configure_model gives the same weights."""
     from tests.callbacks import ddp_micro_batch as ddp
     from tests.callbacks import fsdp2_micro_batch as fsdp2
 
@@ -412,10 +413,13 @@ def test_fsdp2_forced_micro_batches_and_an_oom_on_one_rank_equal_the_unsplit_fsd
     ranks = run("oom", "auto", peak16 + (peak64 - peak16) // 6 - forced[1]["params"])
     assert [r["micro_batch_size"] for r in ranks] == [16, 16]
     assert [r["micro"]["failed"]["train"] for r in ranks] == [32, 32] and ranks[0]["micro"]["oom_retries"] == 2
+    # lightning_lowvram's FSDP2Strategy on WideNet as it is (no configure_model: the strategy shards it) trains the same
+    ours = run_ddp(fsdp2.__file__, tmp_path / "ours", "none", 0, 2, "ours", timeout=240)
     for name, value in reference[0]["weights"].items():
         for r in (0, 1):
             assert torch.allclose(forced[r]["weights"][name], value, rtol=0, atol=1e-9), name
             assert torch.allclose(ranks[r]["weights"][name], value, rtol=0, atol=1e-9), name
+            assert torch.allclose(ours[r]["weights"][name], value, rtol=0, atol=1e-9), name
 
     # the per-rank estimate (FSDP2 traced over a fake process group in this process) against each rank's meter
     from lightning_lowvram.planner import estimate_step_memory

@@ -1,14 +1,17 @@
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lowvram import GPUProfile, format_bytes, memory_budget, plan_callbacks
+from lightning_lowvram import FSDP2Strategy, GPUProfile, format_bytes, memory_budget, plan_callbacks
 from lightning_lowvram.demo import DigitsMLP, TinyGPT, TinyTextDataModule
 from lightning_lowvram.planner import estimate_step_memory, plan
 from lightning_lowvram.planner.chart import chart
 from lightning_lowvram.planner.search import tensor_peak
+from lightning_lowvram.planner.timing import traffic_of
 from tests.helpers import quiet_trainer
 
 
@@ -133,3 +136,79 @@ def test_a_low_bit_frozen_base_only_when_allowed_and_nf4_when_int8_is_not_enough
     assert "callbacks.lowvram_low_bit_base.bits=4" in allowed.overrides()
     roomier = plan(model, batch, _card((plain - int8 / 2 + transient8) / 0.9 / 2**30), allow_int8_base=True)
     assert roomier.chosen is not None and roomier.chosen.int8_base
+
+
+def _state_heavy():  # parameters and AdamW state outweigh the activations of 4 x 16 tokens
+    return TinyGPT(seq_len=16, d_model=256, n_head=4, n_layer=4)
+
+
+def _linked(mib, interconnect=31.5, pcie=31.5):  # the tiny card with PCIe 4.0 links (GB/s per direction)
+    return dataclasses.replace(_card(mib / 1024), interconnect_gbs=interconnect, pcie_gbs=pcie)
+
+
+def test_across_cards_fsdp2_fits_what_one_card_cannot_and_yields_the_strategy_that_runs_it():
+    batch = _batch(TinyTextDataModule(seq_len=16, batch_size=4))  # one rank's batch
+    card = _linked(60)
+    assert plan(_state_heavy(), batch, card, allow_offload=False, precisions=("32-true",)).chosen is None
+    four = plan(_state_heavy(), batch, card, devices=4, precisions=("32-true",))
+    chosen = four.chosen
+    assert chosen is not None and chosen.devices == 4 and chosen.sharding in ("full", "grad_op")
+    assert all(not c.fits for c in four.candidates if c.sharding == "none")  # DDP holds the whole state a rank
+    alone = estimate_step_memory(
+        _state_heavy(), batch, micro_batch_size=chosen.micro_batch_size, gpu=card, devices=4, sharding=chosen.sharding
+    )  # fmt: skip
+    assert chosen.estimate.peak == alone.peak and chosen.estimate.devices == 4  # the per-rank estimate, as traced
+    assert "plan for 4 x tiny_card, per rank" in four.table() and "FSDP2" in chosen.label
+    kwargs = four.trainer_kwargs()
+    assert isinstance(kwargs["strategy"], FSDP2Strategy) and kwargs["devices"] == 4
+    assert kwargs["strategy"].reshard_after_forward == (chosen.sharding == "full") and not kwargs["strategy"].cpu_offload
+    assert {"strategy=fsdp2", "trainer.devices=4"} <= set(four.overrides())
+
+
+def test_across_cards_ddp_when_the_state_fits_one_card():
+    batch = _batch(TinyTextDataModule(seq_len=64, batch_size=32))  # activations outweigh the state
+    one = plan(_gpt(), batch, _linked(400), precisions=("32-true",))
+    four = plan(_gpt(), batch, _linked(400), devices=4, precisions=("32-true",))
+    assert one.chosen.devices == 1 and one.trainer_kwargs() == {"precision": "32-true"}
+    # the same traffic as FSDP2 grad_op (ZeRO-2 moves what DDP moves) without its copies in and out of the shards
+    assert four.chosen.label == "DDP x4, 32-true, micro-batch 32", four.table()
+    assert four.trainer_kwargs() == {"precision": "32-true", "strategy": "ddp", "devices": 4}
+    assert {"+trainer.strategy=ddp", "trainer.devices=4"} <= set(four.overrides())
+
+
+def test_the_step_time_charges_collectives_at_the_interconnect_and_offload_at_pcie():
+    batch = _batch(TinyTextDataModule(seq_len=16, batch_size=4))
+    fast, slow = _linked(400, interconnect=300.0), _linked(400, interconnect=15.75)
+    params = sum(p.numel() * 4 for p in _state_heavy().parameters())
+    for sharding, gathers in (("none", 0), ("grad_op", 1), ("full", 2)):
+        e = estimate_step_memory(_state_heavy(), batch, gpu=fast, devices=4, sharding=sharding)
+        moved = 0.75 * (gathers * params + params) if gathers else 2 * 0.75 * params  # ring all-gathers / all-reduce
+        traffic = traffic_of(4, sharding, "none", params, params)
+        assert traffic.interconnect == pytest.approx(moved)
+        difference = e.work.seconds(slow, 1, traffic) - e.work.seconds(fast, 1, traffic)
+        assert difference == pytest.approx(moved / 15.75e9 - moved / 300e9)
+    offload = traffic_of(1, "full", "params", params, params)
+    assert offload.interconnect == 0 and offload.pcie == 3 * params and offload.host_optimizer
+
+
+def test_one_card_with_cpu_offload_when_nothing_else_fits():
+    batch = _batch(TinyTextDataModule(seq_len=16, batch_size=4))
+    card = _linked(50)
+    result = plan(_state_heavy(), batch, card, precisions=("32-true",))
+    chosen = result.chosen
+    assert chosen is not None and chosen.offload == "params" and chosen.devices == 1 and chosen.estimate.host > 0
+    assert chosen.label.startswith("FSDP2 + CPU offload") and " host" in result.table()
+    assert chosen.step_time > min(c.step_time for c in result.candidates if c.offload == "none")  # slower
+    strategy = result.trainer_kwargs()["strategy"]
+    assert isinstance(strategy, FSDP2Strategy) and strategy.cpu_offload and "strategy=fsdp2_offload" in result.overrides()
+    # a profile without PCIe bandwidth cannot price it: skipped and said so
+    bare = plan(_state_heavy(), batch, dataclasses.replace(card, pcie_gbs=None), precisions=("32-true",))
+    assert bare.chosen is None and "has no pcie_gbs" in bare.table()
+
+
+def test_across_cards_bad_input():
+    batch = _batch(TinyTextDataModule(seq_len=16, batch_size=4))
+    with pytest.raises(ValueError, match="devices must be an integer >= 1, got 0"):
+        plan(_state_heavy(), batch, _linked(60), devices=0)
+    with pytest.raises(ValueError, match="'tiny_card' has no interconnect_gbs: planning across cards needs it"):
+        plan(_state_heavy(), batch, _card(0.06), devices=2)
