@@ -6,7 +6,10 @@ single ``rtx4090_24gb``, on 4 x ``rtx3090_24gb`` with FSDP2 (full and grad_op sh
 with FSDP2's CPU offload: ``estimate_step_memory(devices=..., sharding=..., offload=...)`` traces rank 0's FSDP2 step
 over a fake process group with the cards' CUDA rules. No GPU, nothing allocated.
 
-Run: ``python -m benchmarks.sharding_showcase`` (a few minutes on 2 CPU cores).
+Then the plans (``plan(..., devices=N)``) for 4 sequences a rank: which setting each set of cards would run, its
+per-rank and host memory and its predicted step time (collectives at the card's interconnect, offload at PCIe).
+
+Run: ``python -m benchmarks.sharding_showcase`` (about ten minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from benchmarks.lora_showcase import SEQ, Llama1B
 from lightning_lowvram.memory.profiles import format_bytes, gpu_profile
-from lightning_lowvram.planner import estimate_step_memory
+from lightning_lowvram.planner import estimate_step_memory, plan
 
 CASES = [  # (setup, card, devices, sharding, offload, precision)
     ("one card, fp32", "rtx4090_24gb", 1, "none", "none", "32-true"),
@@ -29,6 +32,8 @@ CASES = [  # (setup, card, devices, sharding, offload, precision)
     ("4 cards, FSDP2 grad_op shard", "rtx3090_24gb", 4, "grad_op", "none", "bf16-mixed"),
     ("one card, FSDP2 CPU offload", "rtx4090_24gb", 1, "full", "params", "bf16-mixed"),
 ]
+PLANS = [("rtx4090_24gb", 1), ("rtx3090_24gb", 4), ("rtx4080_16gb", 1), ("rtx4080_16gb", 2)]  # (card, devices)
+PLAN_BATCH = 4  # sequences a rank
 
 
 def main() -> None:
@@ -53,6 +58,29 @@ def main() -> None:
         host = format_bytes(e.host) if e.host else "-"
         cells = [setup, f"{devices} x {card}", precision, format_bytes(tensors), format_bytes(usable), fits, host]
         print("| " + " | ".join(cells) + f" | <!-- {time.perf_counter() - start:.0f} s, {e.method} -->")
+
+    ids = torch.zeros(PLAN_BATCH, SEQ, dtype=torch.long)
+    rows, tables = [], []
+    for card, devices in PLANS:
+        start = time.perf_counter()
+        result = plan(module, {"input_ids": ids, "labels": ids}, card, devices=devices)
+        tables.append(result.table())
+        c = result.chosen
+        if c is None:
+            rows.append([f"{devices} x {card}", "nothing fits", "-", "-", "-", "-"])
+            continue
+        host = format_bytes(c.estimate.host) if c.estimate.host else "-"
+        peak = format_bytes(c.estimate.peak - c.estimate.allowance)
+        kwargs = {k: v if isinstance(v, int | str) else type(v).__name__ for k, v in result.trainer_kwargs().items()}
+        cells = [f"{devices} x {card}", c.label, peak, host, f"{c.step_time:.2f}", str(kwargs)]
+        rows.append(cells + [f"<!-- {time.perf_counter() - start:.0f} s -->"])
+    print(f"\nplans, {PLAN_BATCH} x {SEQ} tokens a rank (effective batch: {PLAN_BATCH} x devices):\n")
+    print("| cards | chosen setting | tensor peak, a rank | host, a rank | predicted s/step | Trainer kwargs |")
+    print("|---|---|---|---|---|---|")
+    for cells in rows:
+        print("| " + " | ".join(cells[:6]) + " |" + (f" {cells[6]}" if len(cells) > 6 else ""))
+    for table in tables:
+        print("\n" + table)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning_lowvram._files import check_writable
 from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
-from lightning_lowvram.hydra_setup import callback_nodes
+from lightning_lowvram.hydra_setup import TRAINER_STRATEGY, callback_nodes, planned_devices, trainer_strategy_node
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.meter import memory_table
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes
@@ -160,6 +160,12 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         if hasattr(callback, "print_table"):
             callback.print_table = False  # the summary prints each table once
     trainer_kwargs: dict[str, Any] = {}
+    node = trainer_strategy_node(cfg)
+    if node is not None:
+        if cfg.trainer.get("strategy") is not None:
+            reason = f"strategy={cfg.strategy.name} sets the Trainer's strategy; drop trainer.strategy"
+            raise ConfigError("trainer.strategy", cfg.trainer.strategy, reason)
+        trainer_kwargs["strategy"] = _instantiate(node, f"strategy.{TRAINER_STRATEGY}")
     chosen = None
     auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
     if cfg.command == "plan" or auto:
@@ -206,7 +212,11 @@ def _plan(cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUPro
         raise ConfigError("data._target_", cfg.data._target_, "planning needs a LightningDataModule (its first batch)")
     try:
         options = {k: cfg.strategy.get(k, d) for k, d in _AUTO_OPTIONS.items()}
-        return plan(model, batch, profile, **options)
+        devices = planned_devices(cfg)
+    except ValueError as err:
+        raise ConfigError("trainer.devices", cfg.trainer.get("devices"), str(err).split(": ", 1)[1]) from err
+    try:
+        return plan(model, batch, profile, devices=devices, **options)
     except ValueError as err:
         raise _blame(cfg.strategy, "strategy", str(err).splitlines()[0]) from err
 
@@ -422,7 +432,11 @@ def _print_plan(chosen: Any) -> dict[str, Any]:
     path = chart(chosen, os.path.join(_run_dir(), "plan.png"))
     print(chosen.table())
     if chosen.chosen is not None:
-        print("  apply it: lowvram fit strategy=auto gpu=... , or these overrides: " + " ".join(chosen.overrides()))
+        devices = f" trainer.devices={chosen.devices}" if chosen.devices > 1 else ""
+        print(
+            f"  apply it: lowvram fit strategy=auto gpu=...{devices} , or these overrides: "
+            + " ".join(chosen.overrides())
+        )
     print(f"  chart: {path}")
     return {"plan": chosen, "chart": path}
 

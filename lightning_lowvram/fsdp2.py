@@ -62,10 +62,23 @@ def apply_fsdp2(module: nn.Module, mesh: Any, *, reshard_after_forward: bool = T
     if any(id(p) not in in_blocks for p in module.parameters(recurse=False)):
         units.append(module)
     else:
-        units += [c for c in module.children() if any(id(p) not in in_blocks for p in c.parameters())]
+        units += _holding(module, in_blocks)
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     return len(units)
+
+
+def _holding(module: nn.Module, taken: set[int]) -> list[nn.Module]:
+    """The children of ``module`` holding parameters not in ``taken``, looking into containers without a forward.
+
+    ``fully_shard`` needs a module that runs: a ``ModuleList`` or ``ModuleDict`` is replaced by its children.
+    """
+    found = []
+    for child in module.children():
+        if not any(id(p) not in taken for p in child.parameters()):
+            continue
+        found += _holding(child, taken) if isinstance(child, nn.ModuleList | nn.ModuleDict) else [child]
+    return found
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -150,10 +163,11 @@ class FSDP2Strategy(ModelParallelStrategy):
                 unit.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
             super().setup(trainer)
             return
-        apply_fsdp2(
-            module, self.device_mesh["data_parallel"], reshard_after_forward=self.reshard_after_forward,
-            cpu_offload=self.cpu_offload,
-        )  # fmt: skip
+        if not any(isinstance(m, FSDPModule) for m in module.modules()):  # not yet (a test after fit: already)
+            apply_fsdp2(
+                module, self.device_mesh["data_parallel"], reshard_after_forward=self.reshard_after_forward,
+                cpu_offload=self.cpu_offload,
+            )  # fmt: skip
         with _counts_as_configured(module):  # ModelParallelStrategy.setup insists on a configure_model
             super().setup(trainer)
 

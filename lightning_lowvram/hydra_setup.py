@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -24,13 +24,37 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.profiles import GPUProfile, gpu_profile
 
+#: the key of a ``strategy`` node holding the Trainer's own strategy (``strategy=fsdp2``), not a callback
+TRAINER_STRATEGY = "trainer_strategy"
+
 
 def callback_nodes(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
     """``(key, node)`` of every callback node under ``callbacks`` and ``strategy`` (nodes with a ``_target_``)."""
     for group in ("callbacks", "strategy"):
         for name, node in (cfg.get(group) or {}).items():
-            if isinstance(node, DictConfig) and "_target_" in node:
+            if isinstance(node, DictConfig) and "_target_" in node and (group, name) != ("strategy", TRAINER_STRATEGY):
                 yield f"{group}.{name}", node
+
+
+def trainer_strategy_node(cfg: DictConfig) -> DictConfig | None:
+    """The Trainer's strategy a ``strategy`` node sets (``strategy=fsdp2``: ``FSDP2Strategy``), else ``None``."""
+    node = (cfg.get("strategy") or {}).get(TRAINER_STRATEGY)
+    return node if isinstance(node, DictConfig) and "_target_" in node else None
+
+
+def planned_devices(cfg: DictConfig) -> int:
+    """How many cards a plan is for: ``trainer.devices`` as a count (a list of indices counts its entries).
+
+    Raises:
+        ValueError: A value that names no count (``auto``, ``-1``): the plan needs to know how many cards.
+
+    """
+    devices = (cfg.get("trainer") or {}).get("devices", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices
+    if isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) >= 1:
+        return len(devices)
+    raise ValueError(f"trainer.devices={devices}: a plan needs the number of cards, e.g. trainer.devices=4")
 
 
 @dataclasses.dataclass
@@ -40,7 +64,8 @@ class LowVRAMSetup:
     Attributes:
         profile: The card (``gpu=``).
         callbacks: The ``callbacks`` and ``strategy`` nodes, instantiated (for ``strategy=auto``: the plan's).
-        trainer_kwargs: Trainer arguments the strategy sets (``strategy=auto``'s precision).
+        trainer_kwargs: Trainer arguments the strategy sets (``strategy=auto``'s precision, and the strategy object
+            and devices of a plan across cards; ``strategy=fsdp2``'s ``FSDP2Strategy``).
         plan: The plan, for ``strategy=auto`` on a card.
 
     """
@@ -85,16 +110,18 @@ def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch
         GPUProfile.from_config(OmegaConf.to_container(cfg.gpu, resolve=True)) if "gpu" in cfg else gpu_profile("auto")
     )
     callbacks = [instantiate(node) for _, node in callback_nodes(cfg)]
+    node = trainer_strategy_node(cfg)
+    own = {"strategy": instantiate(node)} if node is not None else {}
     strategy = cfg.get("strategy") or {}
     if strategy.get("name") != "auto" or profile.usable_bytes is None:
-        return LowVRAMSetup(profile, callbacks, {})
+        return LowVRAMSetup(profile, callbacks, own)
     if model is None or batch is None:
         raise ValueError("strategy=auto: lowvram_setup(cfg, model=..., batch=...) needs the model and a training batch")
     from lightning_lowvram.planner import plan
 
     options = {k: strategy.get(k, d) for k, d in (("margin", 0.1), ("allow_int8_base", False),
                                                    ("allow_low_bit_base", False))}  # fmt: skip
-    chosen = plan(model, batch, profile, **options)
+    chosen = plan(model, batch, profile, devices=planned_devices(cfg), **options)
     if chosen.chosen is None:
         raise ValueError(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
     return LowVRAMSetup(profile, [*callbacks, *plan_callbacks(chosen)], chosen.trainer_kwargs(), chosen)

@@ -15,6 +15,10 @@ them):
 2. **A failed attempt leaves no trace.** Before an attempt, what it can change is captured: the trainable
    parameters' gradients (a host copy, only when the accumulation window already holds some; else they are zeroed),
    BatchNorm running statistics, the GradScaler's state and torchmetrics states. The restore puts them back exactly.
+   The gradients' host copy (:class:`GradientStore`) reuses its host buffers from step to step and, on CUDA, runs
+   asynchronously on a side stream into pinned memory while the first micro-batch's forward runs: nothing writes a
+   gradient before :meth:`GradientStore.ready` (called before every backward and before a restore), which makes the
+   device's stream wait for the copy, without a host synchronisation.
 3. **Every backward of an attempt runs inside it**, so a failed attempt leaves no autograd graph behind, and the
    attempt's gradients are exactly the batch's (each micro-batch's loss weighted by its share of samples or units).
 4. **Ranks agree.** Each attempt ends with one collective decision (``agree``: any rank out of memory means every
@@ -28,6 +32,7 @@ them):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -183,7 +188,67 @@ def run_until_fits(
         on_shrink(kind, size, policy.shrink(kind, size))
 
 
-def snapshot_training_state(module: torch.nn.Module, grads: bool = True, scaler: Any = None) -> Callable[[], None]:
+class GradientStore:
+    """Host copies of gradients for :func:`snapshot_training_state`, its buffers kept from one step to the next.
+
+    CUDA gradients are copied into pinned host buffers on a side stream, asynchronously: the caller's stream goes on
+    (the next forward) while the copy runs. :meth:`ready` makes the caller's stream wait for the copy (no host
+    synchronisation): call it before anything writes the gradients (a backward) or reads the copies (a restore).
+    Host gradients are copied synchronously into the kept buffers. Other gradient types (FSDP2's ``DTensor``) are
+    copied to the host as they are.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> store = GradientStore()
+        >>> first = store.copy([net.weight])[0]
+        >>> store.ready()  # before a backward writes net.weight.grad
+        >>> store.copy([net.weight])[0] is first  # the next step reuses the buffer
+        True
+
+    """
+
+    def __init__(self) -> None:
+        self._host: dict[int, torch.Tensor] = {}
+        self._stream: Any = None
+        self._event: Any = None
+
+    def copy(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Start copying ``params``' gradients to the host; return the copies (``None``: no gradient).
+
+        The copies are valid after :meth:`ready` and until the next :meth:`copy`.
+        """
+        grads = [p.grad for p in params]
+        cuda = any(type(g) is torch.Tensor and g.is_cuda for g in grads)
+        if cuda:
+            self._stream = self._stream or torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())  # the gradients as the last backward left them
+        saved: list[torch.Tensor | None] = []
+        with _disable_current_modes(), torch.cuda.stream(self._stream) if cuda else contextlib.nullcontext():
+            for p, g in zip(params, grads, strict=True):
+                if g is None or type(g) is not torch.Tensor:
+                    saved.append(None if g is None else g.detach().to("cpu", copy=True))
+                    continue
+                buffer = self._host.get(id(p))
+                if buffer is None or buffer.shape != g.shape or buffer.dtype != g.dtype:
+                    buffer = torch.empty(g.shape, dtype=g.dtype, pin_memory=g.is_cuda)
+                    self._host[id(p)] = buffer
+                buffer.copy_(g.detach(), non_blocking=g.is_cuda)
+                saved.append(buffer)
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record(self._stream)
+        return saved
+
+    def ready(self) -> None:
+        """Make the current CUDA stream wait for the last copy (nothing to do on the host)."""
+        if self._event is not None:
+            torch.cuda.current_stream().wait_event(self._event)
+
+
+def snapshot_training_state(
+    module: torch.nn.Module, grads: bool = True, scaler: Any = None, store: GradientStore | None = None
+) -> Callable[[], None]:
     """Capture what a failed training attempt can change in ``module``; return the function that puts it back.
 
     Args:
@@ -191,6 +256,8 @@ def snapshot_training_state(module: torch.nn.Module, grads: bool = True, scaler:
         grads: Keep the current gradients (a host copy: no device memory); ``False`` when the attempt starts from
             no gradients, which the restore then puts back (``None``).
         scaler: A ``torch.amp.GradScaler`` whose state the attempt may change (fp16 mixed precision), or ``None``.
+        store: Where the gradients' host copies go (kept buffers; asynchronous on CUDA: call ``store.ready()``
+            before the next backward). ``None``: a fresh store.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -203,13 +270,15 @@ def snapshot_training_state(module: torch.nn.Module, grads: bool = True, scaler:
     """
     params = [p for p in module.parameters() if p.requires_grad]
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    store = store or GradientStore()
     with _disable_current_modes():  # host-side copies: not device memory, not counted by an emulated budget
         buffers = [(b, b.detach().clone()) for m in norms for b in m.buffers()]
-        saved = [None if p.grad is None else p.grad.detach().to("cpu", copy=True) for p in params] if grads else None
+    saved = store.copy(params) if grads else None
     scaler_state = scaler.state_dict() if scaler is not None and scaler.is_enabled() else None
     restore_metrics = snapshot_metrics(module)
 
     def restore() -> None:
+        store.ready()
         for buffer, value in buffers:
             buffer.copy_(value)
         for i, p in enumerate(params):

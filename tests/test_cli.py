@@ -263,6 +263,36 @@ def test_the_plans_hydra_overrides_compose_into_the_same_callbacks(tmp_path):
     assert parts["trainer"].precision == on_cpu.get(chosen.precision, chosen.precision)
 
 
+def test_plan_across_cards_prints_per_rank_memory_and_the_overrides_that_run_it(tmp_path, capsys):
+    result = run(_cfg("command=plan", "gpu=rtx3090_24gb", "trainer.devices=4", "model=tiny_gpt", "data=tiny_text",
+                      "+model.n_layer=1", f"trainer.default_root_dir={tmp_path}"))  # fmt: skip
+    out = capsys.readouterr().out
+    assert "plan for 4 x rtx3090_24gb, per rank" in out and "batch 16 a rank kept" in out
+    chosen = result["plan"].chosen
+    assert chosen.devices == 4 and "lowvram fit strategy=auto gpu=... trainer.devices=4" in out
+    parts = build(_cfg(*result["plan"].overrides(), "model=tiny_gpt", "data=tiny_text", "+model.n_layer=1",
+                       f"trainer.default_root_dir={tmp_path}"))  # fmt: skip
+    assert parts["trainer"].num_devices == 4
+
+
+def test_the_fsdp2_node_gives_the_trainer_fsdp2strategy(tmp_path):
+    from lightning_lowvram import FSDP2Strategy
+
+    parts = build(_cfg("strategy=fsdp2", "strategy.trainer_strategy.reshard_after_forward=false", "trainer.devices=4",
+                       "trainer.accelerator=cpu", f"trainer.default_root_dir={tmp_path}"))  # fmt: skip
+    strategy = parts["trainer"].strategy
+    assert isinstance(strategy, FSDP2Strategy) and not strategy.reshard_after_forward and not strategy.cpu_offload
+    assert parts["trainer"].num_devices == 4 and not any("strategy" in name for name in parts["callbacks"])
+    offload = build(_cfg("strategy=fsdp2_offload", f"trainer.default_root_dir={tmp_path}"))["trainer"].strategy
+    assert isinstance(offload, FSDP2Strategy) and offload.cpu_offload
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_fit_with_the_fsdp2_node_on_one_cpu_process(tmp_path):
+    summary = run(_cfg("strategy=fsdp2", "trainer.accelerator=cpu", f"trainer.default_root_dir={tmp_path}"))
+    assert "val/acc" in summary["metrics"] and "test/acc" in summary["metrics"]  # fit, then test: sharded once
+
+
 # Every rejected value: (overrides, the key=value the error line must start with). Exit 2, one line, no traceback.
 BAD_OVERRIDES = [
     ("strategy=prune strategy.pruning.amount=2", "strategy.pruning.amount=2"),
@@ -283,6 +313,9 @@ BAD_OVERRIDES = [
     ("strategy=auto strategy.allow_int8_base=sure", "strategy.allow_int8_base=sure"),
     ("strategy=auto strategy.allow_low_bit_base=1", "strategy.allow_low_bit_base=1"),
     ("strategy=none +strategy.foo=1", "strategy.foo=1"),
+    ("strategy=fsdp2 strategy.trainer_strategy.cpu_offload=yes", "strategy.trainer_strategy.cpu_offload=yes"),
+    ("strategy=fsdp2 +trainer.strategy=ddp", "trainer.strategy=ddp"),
+    ("strategy=auto gpu=rtx3060_12gb trainer.devices=auto", "trainer.devices=auto"),
     ("+data.batch_size=0", "data.batch_size=0"),
     ("+data.num_workers=2", "data.num_workers=2"),
     ("+data.val_fraction=1.5", "data.val_fraction=1.5"),

@@ -1,4 +1,5 @@
-"""apply_fsdp2 and FSDP2Strategy in one process (a world of one); two gloo ranks: tests/callbacks/test_auto_micro_batch.py."""
+"""apply_fsdp2 and FSDP2Strategy in one process (a world of one); on two gloo ranks: in
+tests/callbacks/test_auto_micro_batch.py."""
 
 import os
 
@@ -12,14 +13,14 @@ from lightning_lowvram import FSDP2Strategy, apply_fsdp2
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP, TinyGPT
 from tests.helpers import quiet_trainer
 
+pytestmark = pytest.mark.usefixtures("one_process_group")  # no environment variable or process group outlives a test
+
 
 @pytest.fixture
 def world_of_one():
-    os.environ.setdefault("MASTER_ADDR", "localhost")
-    os.environ.setdefault("MASTER_PORT", "29571")
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT="29571")
     dist.init_process_group("gloo", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
+    return init_device_mesh("cpu", (1,))
 
 
 def test_each_repeated_block_is_a_unit_then_the_rest(world_of_one):
@@ -42,17 +43,13 @@ def test_a_wrapped_hugging_face_model_is_sharded_through_its_child():
             super().__init__()
             self.model = transformers.LlamaForCausalLM(config)
 
-    os.environ.setdefault("MASTER_ADDR", "localhost")
-    os.environ.setdefault("MASTER_PORT", "29572")
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT="29572")
     dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        wrapper = Wrapper()
-        assert apply_fsdp2(wrapper, init_device_mesh("cpu", (1,))) == 3  # two decoder layers, then the HF model
-        assert isinstance(wrapper.model, FSDPModule) and not isinstance(wrapper, FSDPModule)
-        ids = torch.zeros(2, 8, dtype=torch.long)
-        wrapper.model(input_ids=ids, labels=ids).loss.backward()
-    finally:
-        dist.destroy_process_group()
+    wrapper = Wrapper()
+    assert apply_fsdp2(wrapper, init_device_mesh("cpu", (1,))) == 3  # two decoder layers, then the HF model
+    assert isinstance(wrapper.model, FSDPModule) and not isinstance(wrapper, FSDPModule)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    wrapper.model(input_ids=ids, labels=ids).loss.backward()
 
 
 def _fit(model, strategy):
@@ -61,7 +58,7 @@ def _fit(model, strategy):
             model, datamodule=DigitsDataModule()
         )
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # a failed setup leaves the group behind; the next fit starts its own
             dist.destroy_process_group()
 
 

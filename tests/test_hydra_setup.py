@@ -28,3 +28,16 @@ def test_strategy_auto_plans_with_the_model_and_a_batch():
     setup = lowvram_setup(cfg, model=DigitsMLP(), batch=(torch.zeros(64, 64), torch.zeros(64, dtype=torch.long)))
     assert setup.plan is not None and setup.plan.chosen is not None
     assert setup.trainer_kwargs == setup.plan.trainer_kwargs()
+
+
+def test_the_fsdp2_node_is_the_trainers_strategy_and_plans_count_the_cards():
+    from lightning_lowvram import FSDP2Strategy
+    from lightning_lowvram.demo import DigitsMLP
+
+    setup = lowvram_setup(_cfg("gpu=rtx3090_24gb", "strategy=[fsdp2,micro_batch]"))
+    assert isinstance(setup.trainer_kwargs["strategy"], FSDP2Strategy)
+    assert [type(c).__name__ for c in setup.callbacks] == ["MemoryReportCallback", "AutoMicroBatchCallback"]
+    batch = (torch.zeros(64, 64), torch.zeros(64, dtype=torch.long))
+    cfg = _cfg("gpu=rtx3090_24gb", "strategy=auto", "trainer.devices=2")
+    setup = lowvram_setup(cfg, model=DigitsMLP(), batch=batch)
+    assert setup.plan.devices == 2 and setup.trainer_kwargs["devices"] == 2  # DDP: the MLP fits one card

@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from lightning_lowvram import memory_budget
-from lightning_lowvram.micro_batching import SizePolicy, attempt, run_until_fits, snapshot_training_state
+from lightning_lowvram.micro_batching import (
+    GradientStore,
+    SizePolicy,
+    attempt,
+    run_until_fits,
+    snapshot_training_state,
+)
 
 
 def _fits_up_to(limit, calls):
@@ -99,3 +105,42 @@ def test_a_failed_attempt_leaves_no_trace_under_the_budget():
     for a, b in zip(net[1].buffers(), reference[1].buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert scaler.get_scale() == reference_scaler.get_scale() == 16.0
+
+
+def test_the_gradient_store_keeps_its_buffers_and_each_snapshot_restores_its_own_step():
+    net = nn.Linear(4, 3)
+    store = GradientStore()
+    net(torch.ones(2, 4)).sum().backward()
+    first = [p.grad.clone() for p in net.parameters()]
+    restore_first = snapshot_training_state(net, store=store)
+    buffers = [b.data_ptr() for b in store.copy(list(net.parameters()))]  # what the next step would reuse
+    net(torch.full((2, 4), 3.0)).sum().backward()  # the window goes on: the gradients change
+    restore_first()
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), first, strict=True))
+    net(torch.full((2, 4), 2.0)).sum().backward()
+    second = [p.grad.clone() for p in net.parameters()]
+    restore_second = snapshot_training_state(net, store=store)
+    assert [b.data_ptr() for b in store.copy(list(net.parameters()))] == buffers  # no new host memory a step
+    net(torch.full((2, 4), 5.0)).sum().backward()  # a failed attempt's partial gradients
+    restore_second()
+    restore_second()  # the next attempt fails too: the copies stay as they were
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), second, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_copy_is_asynchronous_into_pinned_memory_and_exact():
+    net = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096)).cuda()
+    x = torch.randn(256, 4096, device="cuda")
+    net(x).sum().backward()
+    window = [p.grad.clone() for p in net.parameters()]
+    store = GradientStore()
+    restore = snapshot_training_state(net, store=store)
+    assert all(b.is_pinned() for b in store.copy(list(net.parameters())))
+    for _ in range(3):  # forward while the copy runs; the backward waits for it on the device
+        out = net(x).sum()
+        store.ready()
+        out.backward()
+    restore()
+    torch.cuda.synchronize()
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), window, strict=True))

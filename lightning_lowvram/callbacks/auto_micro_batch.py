@@ -29,6 +29,7 @@ from lightning_lowvram.batching import (
 from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.micro_batching import (
     CollectiveGuard,
+    GradientStore,
     SizePolicy,
     attempt,
     decided,
@@ -130,6 +131,7 @@ class AutoMicroBatchCallback(Callback):
         self.micro_batches = 0  # micro-batches in the last training batch
         self._undo: dict[str, Callable[[], None]] = {}  # patched module methods -> how to put them back
         self._zeroed: tuple[int, int] | None = None
+        self._gradient_store = GradientStore()  # host copies of a window's gradients, buffers kept between steps
         self._warned_bn = False
         self._ran: set[str] = set()  # kinds that ran through the callback
         self._backprop_done = False
@@ -174,6 +176,7 @@ class AutoMicroBatchCallback(Callback):
         for undo in reversed(self._undo.values()):
             undo()
         self._undo.clear()
+        self._gradient_store = GradientStore()  # the host buffers go with the run
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int):
@@ -246,7 +249,7 @@ class AutoMicroBatchCallback(Callback):
             self._originals_call("optimizer_zero_grad", trainer.current_epoch, batch_idx, trainer.optimizers[0])
             self._zeroed = (trainer.current_epoch, batch_idx)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        snapshot = snapshot_training_state(self._module, grads=not first_in_window, scaler=scaler)
+        snapshot = snapshot_training_state(self._module, not first_in_window, scaler, self._gradient_store)
 
         def restore() -> None:
             self._reset_sharding()
@@ -284,6 +287,7 @@ class AutoMicroBatchCallback(Callback):
             weighted = _loss_of(output) * share
             # every backward runs here, inside the attempt, so an OOM in any of them is retried and a failed attempt
             # leaves no graph behind in Lightning's closure
+            self._gradient_store.ready()  # the window's gradients copied (asynchronously on CUDA) before they change
             self._trainer.strategy.backward(weighted / accumulate, None)
             loss = loss + weighted.detach()
             if i < last:

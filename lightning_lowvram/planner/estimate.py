@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -326,7 +327,16 @@ def _run(
     policy = cuda_autocast_policy() if cuda else contextlib.nullcontext()
     sharded = spec is not None and spec.sharding != "none"
     world = fake_world(spec.devices) if sharded else contextlib.nullcontext()
-    with world as mesh, mode or contextlib.nullcontext(), cuda_rounding(cuda), kernels, policy:
+    with (
+        world as mesh,
+        mode or contextlib.nullcontext(),
+        cuda_rounding(cuda),
+        kernels,
+        policy,
+        warnings.catch_warnings(),
+    ):
+        # FSDP2 warns of in-place ops on a unit's view outputs, once per trace; the real run warns the user itself
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         if sharded:
             shard(copied, mesh, spec)
         opt = _optimizer(copied, optimizer)

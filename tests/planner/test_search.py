@@ -161,7 +161,9 @@ def test_across_cards_fsdp2_fits_what_one_card_cannot_and_yields_the_strategy_th
     assert "plan for 4 x tiny_card, per rank" in four.table() and "FSDP2" in chosen.label
     kwargs = four.trainer_kwargs()
     assert isinstance(kwargs["strategy"], FSDP2Strategy) and kwargs["devices"] == 4
-    assert kwargs["strategy"].reshard_after_forward == (chosen.sharding == "full") and not kwargs["strategy"].cpu_offload
+    assert (
+        kwargs["strategy"].reshard_after_forward == (chosen.sharding == "full") and not kwargs["strategy"].cpu_offload
+    )
     assert {"strategy=fsdp2", "trainer.devices=4"} <= set(four.overrides())
 
 
@@ -200,7 +202,9 @@ def test_one_card_with_cpu_offload_when_nothing_else_fits():
     assert chosen.label.startswith("FSDP2 + CPU offload") and " host" in result.table()
     assert chosen.step_time > min(c.step_time for c in result.candidates if c.offload == "none")  # slower
     strategy = result.trainer_kwargs()["strategy"]
-    assert isinstance(strategy, FSDP2Strategy) and strategy.cpu_offload and "strategy=fsdp2_offload" in result.overrides()
+    assert (
+        isinstance(strategy, FSDP2Strategy) and strategy.cpu_offload and "strategy=fsdp2_offload" in result.overrides()
+    )
     # a profile without PCIe bandwidth cannot price it: skipped and said so
     bare = plan(_state_heavy(), batch, dataclasses.replace(card, pcie_gbs=None), precisions=("32-true",))
     assert bare.chosen is None and "has no pcie_gbs" in bare.table()
