@@ -215,8 +215,10 @@ def _plan(cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUPro
         devices = planned_devices(cfg)
     except ValueError as err:
         raise ConfigError("trainer.devices", cfg.trainer.get("devices"), str(err).split(": ", 1)[1]) from err
+    # CPU offload runs on CUDA devices only: a fit emulating the card on this machine's CPU cannot apply it
+    offload = cfg.command == "plan" or torch.cuda.is_available()
     try:
-        return plan(model, batch, profile, devices=devices, **options)
+        return plan(model, batch, profile, devices=devices, allow_offload=offload, **options)
     except ValueError as err:
         raise _blame(cfg.strategy, "strategy", str(err).splitlines()[0]) from err
 

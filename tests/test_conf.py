@@ -40,3 +40,10 @@ def test_strategies_reuse_the_callback_nodes_instead_of_copying_them(path):
         if entry != "_self_":
             source, _, _ = entry.partition("@")
             assert (CONF / f"{source.lstrip('/')}.yaml").is_file()
+
+
+def test_the_fsdp2_node_lists_the_strategy_signature_with_its_defaults():
+    node = yaml.safe_load((CONF / "parallel" / "fsdp2.yaml").read_text())
+    cls = get_class(node.pop("_target_"))
+    params = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
+    assert node == params

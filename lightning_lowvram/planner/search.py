@@ -125,7 +125,7 @@ class Plan:
         return (
             f"nothing fits: the smallest predicted tensor peak is {format_bytes(tensor_peak(smallest))} "
             f"({smallest.label}) against {format_bytes(self.budget)}; it needs a card with {need} for tensors, "
-            "or fewer parameters (PruningCallback)"
+            f"more cards (FSDP2: devices={2 * self.devices}), or fewer parameters (PruningCallback)"
             + ("" if any(c.base_bits for c in self.candidates) else " or a low-bit frozen base (LowBitBaseCallback)")
         )
 
