@@ -91,7 +91,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     Args:
         reshard_after_forward: ``True``: parameters freed after each unit's forward, gathered again in backward
-            (``sharding="full"`` in the planner); ``False``: kept until backward (``sharding="grad_op"``).
+            (``sharding="full"`` in the planner); ``False``: kept until backward (``sharding="grad_op"``); ``None``:
+            ``True`` for the units the strategy applies, and a module's own ``configure_model`` units keep theirs.
         cpu_offload: Sharded parameters, gradients and optimizer state in host memory (``offload="params"``); needs
             CUDA devices and a module without its own ``configure_model`` (or one passing ``CPUOffloadPolicy``).
         data_parallel_size: As ``ModelParallelStrategy`` (``"auto"``: every device).
@@ -111,16 +112,19 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def __init__(
         self,
-        reshard_after_forward: bool = True,
+        reshard_after_forward: bool | None = None,
         cpu_offload: bool = False,
         data_parallel_size: int | str = "auto",
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout_s: float = 1800.0,
     ) -> None:
-        for key, value in (("reshard_after_forward", reshard_after_forward), ("cpu_offload", cpu_offload)):
-            if not isinstance(value, bool):
-                raise ValueError(f"FSDP2Strategy: {key} must be true or false, got {value!r}")
+        if reshard_after_forward is not None and not isinstance(reshard_after_forward, bool):
+            raise ValueError(
+                f"FSDP2Strategy: reshard_after_forward must be true, false or null, got {reshard_after_forward!r}"
+            )
+        if not isinstance(cpu_offload, bool):
+            raise ValueError(f"FSDP2Strategy: cpu_offload must be true or false, got {cpu_offload!r}")
         super().__init__(
             data_parallel_size=data_parallel_size,  # type: ignore[arg-type]
             tensor_parallel_size=1,
@@ -159,15 +163,15 @@ class FSDP2Strategy(ModelParallelStrategy):
                     f"FSDP2Strategy: cpu_offload=True but {type(module).__name__}.configure_model calls fully_shard "
                     "without offload_policy=CPUOffloadPolicy(): pass it there, or remove configure_model"
                 )
-            for unit in units:
-                unit.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
+            if self.reshard_after_forward is not None:  # asked for: it applies to the module's own units too
+                for unit in units:
+                    unit.set_reshard_after_forward(self.reshard_after_forward, recurse=False)
             super().setup(trainer)
             return
         if not any(isinstance(m, FSDPModule) for m in module.modules()):  # not yet (a test after fit: already)
-            apply_fsdp2(
-                module, self.device_mesh["data_parallel"], reshard_after_forward=self.reshard_after_forward,
-                cpu_offload=self.cpu_offload,
-            )  # fmt: skip
+            reshard = self.reshard_after_forward is not False
+            mesh = self.device_mesh["data_parallel"]
+            apply_fsdp2(module, mesh, reshard_after_forward=reshard, cpu_offload=self.cpu_offload)
         with _counts_as_configured(module):  # ModelParallelStrategy.setup insists on a configure_model
             super().setup(trainer)
 

@@ -164,20 +164,22 @@ def estimate_step_memory(
     step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, activation_checkpointing, capability,
             spec)  # fmt: skip
     try:
-        best, phases, work = _run(*step, fake=True)
+        per_phase, work, state = _run(*step, fake=True)
         method = "fake"
     except _UNTRACEABLE:
         # an op fake tensors cannot run (data-dependent shapes...): measure the same step for real on this machine
-        best, phases, work = _run(*step, fake=False)
+        per_phase, work, state = _run(*step, fake=False)
         method = "measured"
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
-    by_category, host = offloaded(dict(best.by_category), spec.offload if spec else "none")
+    device_phases, host = offloaded(per_phase, spec.offload if spec else "none", *state)
+    peak_phase = max(device_phases, key=lambda p: sum(device_phases[p].values()))
+    by_category = dict(device_phases[peak_phase])
     buckets = ddp_bucket_bytes(module, precision, cuda) if spec and spec.sharding == "none" else 0
     by_category["gradients"] = by_category.get("gradients", 0) + buckets
     estimate = MemoryEstimate(
-        peak=best.total - host + buckets + allowance,
+        peak=sum(by_category.values()) + allowance,
         by_category=by_category,
-        by_phase={phase: max(value - host, 0) + buckets for phase, value in phases.items()},
+        by_phase={phase: sum(device_phases[phase].values()) + buckets for phase in PHASES},
         allowance=allowance,
         device="cuda" if cuda else "cpu",
         gpu=profile.name if profile is not None else None,
@@ -294,8 +296,10 @@ def _run(
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
-) -> tuple[Any, dict[str, int], StepWork]:
+) -> tuple[dict[str, Any], StepWork, tuple[int, int]]:
     """Two optimizer steps of a copy of ``module``, metered per phase; the second's work counted.
+
+    Returns the meter's stats at each phase's peak, the work, and one rank's parameter and gradient bytes.
 
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
@@ -312,15 +316,12 @@ def _run(
         checkpoint_blocks(copied)
     copied.train()
     inputs = tree_map_only(torch.Tensor, mode.from_tensor, batch) if mode else batch
-    phases = dict.fromkeys(PHASES, 0)
-    best = None  # the meter's stats at the highest peak of any phase
+    per_phase: dict[str, Any] = {}  # the meter's stats at each phase's highest peak
 
     def record(phase: str) -> None:
-        nonlocal best
         stats = meter.peak
-        phases[phase] = max(phases[phase], stats.total)
-        if best is None or stats.total > best.total:
-            best = stats
+        if phase not in per_phase or stats.total > per_phase[phase].total:
+            per_phase[phase] = stats
         meter.reset_peak()
 
     kernels = CudaKernels(capability, attention=fake) if cuda else contextlib.nullcontext()
@@ -370,7 +371,11 @@ def _run(
             opt.zero_grad(set_to_none=True)
             record("optimizer")
             updates = counter.take()
-    return best, phases, StepWork(micro, updates)
+        # one rank's sharded parameters and gradients (a DTensor's local shard): what CPU offload keeps in host memory
+        local = [(getattr(p, "_local_tensor", p), p.requires_grad) for p in copied.parameters()]
+        params = sum(t.numel() * t.element_size() for t, _ in local)
+        grads = sum(t.numel() * t.element_size() for t, trained in local if trained)
+    return per_phase, StepWork(micro, updates), (params, grads)
 
 
 def _backward(loss: torch.Tensor) -> None:

@@ -9,6 +9,12 @@ extrapolated; the chosen candidate is then traced at its own size to confirm it 
 tried). The plain setup (the whole batch, float32) is traced as it is. 8-bit optimizer state (torchao, Adam/AdamW)
 and an int8 weight-only frozen base are modelled from the same traces: their bytes replace the float ones; their
 step time is the float one's (8-bit AdamW measured 1.00x on an H200, ANCHORS.md; the int8 base is not measured).
+
+Across ``devices`` cards each setting is also tried under DDP, FSDP2 ``grad_op`` and FSDP2 ``full`` (least traffic
+first), and FSDP2 with CPU offload when nothing fits on the cards: peaks per rank (``estimate_step_memory`` with
+``devices``: FSDP2 traced over a fake process group), host memory apart, collectives and offload copies priced by
+:class:`~lightning_lowvram.planner.timing.Traffic` (unmeasured on GPUs). The chosen setting comes with its Trainer
+kwargs (``strategy="ddp"`` or an ``FSDP2Strategy``, ``devices``) and Hydra overrides.
 """
 
 from __future__ import annotations

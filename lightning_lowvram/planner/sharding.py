@@ -11,9 +11,10 @@ Units: the module's own ``configure_model`` when it overrides it (Lightning's FS
 ``self.device_mesh["data_parallel"]``), else :func:`lightning_lowvram.fsdp2.apply_fsdp2`'s (each repeated block, then
 what ``training_step`` calls), the units ``FSDP2Strategy`` applies in the run.
 ``sharding="grad_op"`` keeps parameters unsharded between forward and backward (``set_reshard_after_forward(False)``,
-ZeRO-2-like). Offload is modelled from the traced categories: ``"params"`` (FSDP2's ``CPUOffloadPolicy``: sharded
-parameters, gradients and optimizer state live in host memory) and ``"optimizer"`` (optimizer state only, as
-DeepSpeed's ZeRO-Offload) move those bytes from the device to ``MemoryEstimate.host``.
+ZeRO-2-like). Offload is modelled from the traced phases (:func:`offloaded`): ``"params"`` (FSDP2's
+``CPUOffloadPolicy``: sharded parameters, gradients and optimizer state live in host memory, the optimizer step runs
+there) and ``"optimizer"`` (optimizer state and step only, as DeepSpeed's ZeRO-Offload) move those bytes from the
+device to ``MemoryEstimate.host``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from torch import nn
 
 Sharding = Literal["full", "grad_op", "none"]
 Offload = Literal["none", "optimizer", "params"]
-#: categories each offload moves to host memory (the traced peak's sharded state)
+#: what each offload keeps in host memory (see :func:`offloaded`)
 OFFLOADED: dict[str, tuple[str, ...]] = {
     "none": (),
-    "optimizer": ("optimizer",),
-    "params": ("parameters", "gradients", "optimizer"),
+    "optimizer": ("optimizer", "the optimizer step"),
+    "params": ("sharded parameters", "sharded gradients", "optimizer", "the optimizer step"),
 }
 
 
@@ -129,7 +130,35 @@ def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
         apply_fsdp2(module, mesh["data_parallel"], reshard_after_forward=reshard)
 
 
-def offloaded(by_category: dict[str, int], offload: str) -> tuple[dict[str, int], int]:
-    """The device's categories and the bytes moved to host memory by ``offload``."""
-    moved = {k: by_category.get(k, 0) for k in OFFLOADED[offload]}
-    return {k: (0 if k in moved else v) for k, v in by_category.items()}, sum(moved.values())
+def offloaded(
+    per_phase: dict[str, Any], offload: str, param_bytes: int, grad_bytes: int
+) -> tuple[dict[str, dict[str, int]], int]:
+    """Each phase's device bytes by category, and the host bytes ``offload`` needs.
+
+    ``per_phase``: the meter's stats at each phase's peak; ``param_bytes``/``grad_bytes``: one rank's sharded
+    parameters and gradients. ``"params"`` (FSDP2's ``CPUOffloadPolicy``): the sharded parameters, gradients and
+    optimizer state live in host memory and the optimizer step runs there (its temporaries too); a unit's all-gathered
+    parameters and unsharded gradients stay on the card. ``"optimizer"``: the optimizer state, the gradients it steps
+    with and its step. Host: those state bytes plus the step's temporaries. On the card, a phase's parameters and
+    gradients are reduced by at most the sharded bytes: what exceeds them (all-gathered) stays counted.
+    """
+    if offload == "none":
+        return {phase: dict(stats.by_category) for phase, stats in per_phase.items()}, 0
+    device: dict[str, dict[str, int]] = {}
+    optimizer = temporaries = 0
+    for phase, stats in per_phase.items():
+        categories = dict(stats.by_category)
+        optimizer = max(optimizer, categories.get("optimizer", 0))
+        if phase == "optimizer":  # the step runs in host memory
+            temporaries = max(temporaries, categories.get("temporaries", 0))
+            keep = ("buffers", "other") + (("parameters",) if offload == "optimizer" else ())
+            device[phase] = {k: (v if k in keep else 0) for k, v in categories.items()}
+            continue
+        categories["optimizer"] = 0
+        if offload == "params":
+            categories["parameters"] = categories.get("parameters", 0) - min(
+                categories.get("parameters", 0), param_bytes
+            )
+            categories["gradients"] = categories.get("gradients", 0) - min(categories.get("gradients", 0), grad_bytes)
+        device[phase] = categories
+    return device, optimizer + temporaries + grad_bytes + (param_bytes if offload == "params" else 0)

@@ -16,7 +16,9 @@ BATCH = (torch.zeros(8, 64, dtype=torch.long), torch.zeros(8, 64, dtype=torch.lo
 def test_fake_tensors_trace_what_real_tensors_allocate_and_sharding_shrinks_the_state():
     spec = shard_spec(2, "full", "none")
     fake, real = (_run(TinyGPT(n_layer=4), BATCH, False, "32-true", None, False, None, spec, fake=f)[0] for f in (1, 0))
-    assert fake.total == real.total and fake.by_category == real.by_category  # nothing allocated, the same bytes
+    assert {k: v.total for k, v in fake.items()} == {k: v.total for k, v in real.items()}  # nothing allocated
+    best = max(fake, key=lambda k: fake[k].total)
+    assert fake[best].by_category == real[best].by_category  # the same bytes at the peak
     one = estimate_step_memory(TinyGPT(n_layer=4), BATCH)
     two, four = (estimate_step_memory(TinyGPT(n_layer=4), BATCH, devices=n, sharding="full") for n in (2, 4))
     assert two.method == "fake" and two.devices == 2 and "per rank of 2" in str(two)
@@ -26,13 +28,17 @@ def test_fake_tensors_trace_what_real_tensors_allocate_and_sharding_shrinks_the_
     assert kept.by_category["parameters"] > two.by_category["parameters"]  # unsharded between forward and backward
 
 
-def test_offload_moves_the_sharded_state_to_host_memory():
+def test_offload_moves_the_sharded_state_and_the_optimizer_step_to_host_memory():
     full = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=2, sharding="full")
     params = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=2, sharding="full", offload="params")
     optim = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=2, sharding="full", offload="optimizer")
-    moved = sum(full.by_category[k] for k in ("parameters", "gradients", "optimizer"))
-    assert params.host == moved and params.peak == full.peak - moved and params.by_category["optimizer"] == 0
-    assert optim.host == full.by_category["optimizer"] and optim.peak == full.peak - optim.host
+    shard = sum(p.numel() * 4 for p in TinyGPT(n_layer=2).parameters()) / 2  # one rank's parameters (float32)
+    # host: the rank's parameters, gradients and AdamW moments (4 x the shard), and the step's temporaries
+    assert 4 * shard <= params.host <= 6 * shard and params.by_category["optimizer"] == 0
+    assert params.peak < full.peak and optim.peak < full.peak and optim.host < params.host
+    # the card keeps what the forward and backward hold: not the optimizer step, nor the sharded state
+    assert params.by_phase["optimizer"] < params.by_phase["backward"]
+    assert params.peak == max(params.by_phase.values())
     assert "in host memory" in str(params)
     one_card = estimate_step_memory(TinyGPT(n_layer=2), BATCH, devices=1, sharding="full", offload="params")
     alone = estimate_step_memory(TinyGPT(n_layer=2), BATCH)
