@@ -129,12 +129,14 @@ def estimate_step_memory(
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
             ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
-        devices: Ranks; with ``sharding`` the estimate is one rank's step (``batch`` is one rank's batch, as each
-            rank's loader yields it), traced with FSDP2 over a fake process group (:mod:`.sharding`).
+        devices: Ranks: the estimate is one rank's step (``batch`` is one rank's batch, as each rank's loader
+            yields it); sharded, traced with FSDP2 over a fake process group (:mod:`.sharding`).
         sharding: ``"full"`` (FSDP2, parameters resharded after forward), ``"grad_op"`` (kept unsharded until
-            backward, ZeRO-2-like) or ``"none"`` (one device).
-        offload: ``"params"`` (FSDP2's CPU offload: sharded parameters, gradients and optimizer state in host
-            memory) or ``"optimizer"`` (its state only): those bytes move from ``peak`` to ``host`` (modelled).
+            backward, ZeRO-2-like) or ``"none"`` (one device; with ``devices`` > 1 DDP: one device's step plus its
+            gradient buckets, :func:`ddp_bucket_bytes`).
+        offload: ``"params"`` (FSDP2's CPU offload: sharded parameters, gradients and optimizer state, and the
+            optimizer step, in host memory) or ``"optimizer"`` (its state and step only): those bytes move from
+            ``peak`` to ``host`` (modelled per phase, :func:`.sharding.offloaded`).
 
     Raises:
         ValueError: For an unknown precision or GPU, a non-positive micro-batch size, or a batch the module's
