@@ -87,3 +87,23 @@ def test_the_strategy_trains_a_module_without_configure_model():
     assert isinstance(model.net, FSDPModule) and not all(
         torch.equal(a, b.full_tensor()) for a, b in zip(before, model.parameters(), strict=True)
     )
+
+
+def test_with_the_micro_batching_callback_micro_batches_train_like_the_whole_batch():
+    import lightning as L
+
+    from lightning_lowvram import AutoMicroBatchCallback
+    from tests.callbacks.test_auto_micro_batch import WideNet
+
+    def fit(**kwargs):
+        L.seed_everything(0)
+        model = WideNet()
+        quiet_trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, **kwargs).fit(
+            model, datamodule=DigitsDataModule(batch_size=64, dtype="float64")
+        )
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+
+    whole = fit(strategy=FSDP2Strategy())  # (its distributed sampler orders the data unlike a plain loader)
+    dist.destroy_process_group()
+    split = fit(strategy=FSDP2Strategy(), callbacks=[AutoMicroBatchCallback(micro_batch_size=16)])
+    assert all(torch.allclose(split[k], v, rtol=0, atol=1e-9) for k, v in whole.items())

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -214,7 +214,7 @@ class AutoMicroBatchCallback(Callback):
                 "accumulation and optimizer step (use its train_micro_batch_size_per_gpu), or use FSDP2 through "
                 "ModelParallelStrategy, 'ddp' or a single device"
             )
-        if "FSDP" in strategy:
+        if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1 (FSDP2Strategy is a ModelParallelStrategy)
             raise MisconfigurationException(
                 f"AutoMicroBatchCallback is not tested with the {strategy} (FSDP1): Lightning runs training_step "
                 "inside FSDP1's forward, where a backward per micro-batch is not shown to work; use FSDP2 "

@@ -413,8 +413,9 @@ def test_fsdp2_forced_micro_batches_and_an_oom_on_one_rank_equal_the_unsplit_fsd
     ranks = run("oom", "auto", peak16 + (peak64 - peak16) // 6 - forced[1]["params"])
     assert [r["micro_batch_size"] for r in ranks] == [16, 16]
     assert [r["micro"]["failed"]["train"] for r in ranks] == [32, 32] and ranks[0]["micro"]["oom_retries"] == 2
-    # lightning_lowvram's FSDP2Strategy on WideNet as it is (no configure_model: the strategy shards it) trains the same
-    ours = run_ddp(fsdp2.__file__, tmp_path / "ours", "none", 0, 2, "ours", timeout=240)
+    # lightning_lowvram's FSDP2Strategy on WideNet as it is (no configure_model: the strategy shards it), with the
+    # callback's micro-batches of 16, trains the same
+    ours = run_ddp(fsdp2.__file__, tmp_path / "ours", 16, 0, 2, "ours", timeout=240)  # and forced micro-batches
     for name, value in reference[0]["weights"].items():
         for r in (0, 1):
             assert torch.allclose(forced[r]["weights"][name], value, rtol=0, atol=1e-9), name
