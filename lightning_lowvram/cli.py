@@ -387,7 +387,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if oom is not None:  # advice from the planner, outside the budget
         raise NothingFits(_advice(parts, oom)) from oom
     summary = _summary(cfg, parts, gpu_line, metrics)
-    print(format_summary(summary))
+    if trainer.is_global_zero:  # one summary for a run on several processes (rank 0's metrics and memory)
+        print(format_summary(summary))
     return summary
 
 
@@ -465,6 +466,15 @@ def _summary(cfg: DictConfig, parts: dict[str, Any], gpu_line: str, metrics: dic
                 details.append(extra)
                 extra = ""
             strategy_lines.append(f"{type(callback).__name__}{f' ({extra})' if extra else ''}")
+    from lightning_lowvram.fsdp2 import FSDP2Strategy
+
+    if isinstance(trainer.strategy, FSDP2Strategy):  # the Trainer's own strategy, from strategy=fsdp2 or a plan
+        s = trainer.strategy
+        offload = ", CPU offload" if s.cpu_offload else ""
+        reshard = {None: "", True: ", resharded after forward", False: ", kept to backward"}[s.reshard_after_forward]
+        strategy_lines.insert(0, f"FSDP2Strategy ({trainer.world_size} rank(s){reshard}{offload})")
+    elif trainer.world_size > 1:  # DDP and the like: the state is not sharded
+        strategy_lines.insert(0, f"{type(trainer.strategy).__name__} ({trainer.world_size} ranks)")
     reports = next((c.reports for c in parts["callbacks"].values() if isinstance(c, MemoryReportCallback)), {})
     return {
         "model": cfg.model._target_,

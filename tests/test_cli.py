@@ -291,6 +291,7 @@ def test_the_fsdp2_node_gives_the_trainer_fsdp2strategy(tmp_path):
 def test_fit_with_the_fsdp2_node_on_one_cpu_process(tmp_path):
     summary = run(_cfg("strategy=fsdp2", "trainer.accelerator=cpu", f"trainer.default_root_dir={tmp_path}"))
     assert "val/acc" in summary["metrics"] and "test/acc" in summary["metrics"]  # fit, then test: sharded once
+    assert summary["strategies"] == ["FSDP2Strategy (1 rank(s))"]
 
 
 # Every rejected value: (overrides, the key=value the error line must start with). Exit 2, one line, no traceback.
