@@ -298,10 +298,11 @@ def _run(
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
-) -> tuple[dict[str, Any], StepWork, tuple[int, int]]:
+) -> tuple[dict[str, Any], StepWork, tuple[int, int, int]]:
     """Two optimizer steps of a copy of ``module``, metered per phase; the second's work counted.
 
-    Returns the meter's stats at each phase's peak, the work, and one rank's parameter and gradient bytes.
+    Returns the meter's stats at each phase's peak, the work, and one rank's parameter and gradient bytes and its
+    largest trainable parameter's.
 
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
@@ -377,7 +378,8 @@ def _run(
         local = [(getattr(p, "_local_tensor", p), p.requires_grad) for p in copied.parameters()]
         params = sum(t.numel() * t.element_size() for t, _ in local)
         grads = sum(t.numel() * t.element_size() for t, trained in local if trained)
-    return per_phase, StepWork(micro, updates), (params, grads)
+        largest = max((t.numel() * t.element_size() for t, trained in local if trained), default=0)
+    return per_phase, StepWork(micro, updates), (params, grads, largest)
 
 
 def _backward(loss: torch.Tensor) -> None:

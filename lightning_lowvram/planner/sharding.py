@@ -131,16 +131,19 @@ def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
 
 
 def offloaded(
-    per_phase: dict[str, Any], offload: str, param_bytes: int, grad_bytes: int
+    per_phase: dict[str, Any], offload: str, param_bytes: int, grad_bytes: int, largest: int = 0
 ) -> tuple[dict[str, dict[str, int]], int]:
     """Each phase's device bytes by category, and the host bytes ``offload`` needs.
 
     ``per_phase``: the meter's stats at each phase's peak; ``param_bytes``/``grad_bytes``: one rank's sharded
-    parameters and gradients. ``"params"`` (FSDP2's ``CPUOffloadPolicy``): the sharded parameters, gradients and
-    optimizer state live in host memory and the optimizer step runs there (its temporaries too); a unit's all-gathered
-    parameters and unsharded gradients stay on the card. ``"optimizer"``: the optimizer state, the gradients it steps
-    with and its step. Host: those state bytes plus the step's temporaries. On the card, a phase's parameters and
-    gradients are reduced by at most the sharded bytes: what exceeds them (all-gathered) stays counted.
+    parameters and gradients; ``largest``: its largest trainable parameter. ``"params"`` (FSDP2's
+    ``CPUOffloadPolicy``): the sharded parameters, gradients and optimizer state live in host memory and the optimizer
+    step runs there; a unit's all-gathered parameters and unsharded gradients stay on the card. ``"optimizer"``: the
+    optimizer state, the gradients it steps with and its step. Host: those state bytes plus the step's temporaries —
+    traced with CUDA's multi-tensor (``foreach``) step, which holds them for every parameter at once; on host tensors
+    PyTorch steps one parameter at a time (``foreach`` is CUDA's default only), so they are scaled to the largest
+    parameter's share. On the card, a phase's parameters and gradients are reduced by at most the sharded bytes: what
+    exceeds them (all-gathered) stays counted.
     """
     if offload == "none":
         return {phase: dict(stats.by_category) for phase, stats in per_phase.items()}, 0
@@ -161,4 +164,5 @@ def offloaded(
             )
             categories["gradients"] = categories.get("gradients", 0) - min(categories.get("gradients", 0), grad_bytes)
         device[phase] = categories
-    return device, optimizer + temporaries + grad_bytes + (param_bytes if offload == "params" else 0)
+    per_tensor = temporaries * largest // grad_bytes if grad_bytes and largest else temporaries
+    return device, optimizer + per_tensor + grad_bytes + (param_bytes if offload == "params" else 0)
