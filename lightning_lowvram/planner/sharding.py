@@ -148,10 +148,11 @@ def offloaded(
     if offload == "none":
         return {phase: dict(stats.by_category) for phase, stats in per_phase.items()}, 0
     device: dict[str, dict[str, int]] = {}
-    optimizer = temporaries = 0
+    # the optimizer state as forward sees it (between steps; during a step the meter may count sharded gradients there)
+    optimizer = per_phase["forward"].by_category.get("optimizer", 0) if "forward" in per_phase else 0
+    temporaries = 0
     for phase, stats in per_phase.items():
         categories = dict(stats.by_category)
-        optimizer = max(optimizer, categories.get("optimizer", 0))
         if phase == "optimizer":  # the step runs in host memory
             temporaries = max(temporaries, categories.get("temporaries", 0))
             keep = ("buffers", "other") + (("parameters",) if offload == "optimizer" else ())
