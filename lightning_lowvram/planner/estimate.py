@@ -193,6 +193,19 @@ def estimate_step_memory(
     return with_8bit_optimizer(estimate, module, optimizer) if optimizer_8bit else estimate
 
 
+def parameter_bytes(module: nn.Module, precision: str = "32-true", trainable: bool = False) -> int:
+    """Bytes of ``module``'s parameters as a step at ``precision`` stores them (``bf16-true``: 2 a value).
+
+    Example:
+        >>> parameter_bytes(nn.Linear(10, 10), "bf16-true")
+        220
+
+    """
+    size = 2 if precision == "bf16-true" else None
+    params = [p for p in module.parameters() if p.requires_grad or not trainable]
+    return sum(p.numel() * (size or p.element_size()) for p in params)
+
+
 def ddp_bucket_bytes(module: nn.Module, precision: str = "32-true", cuda: bool = False) -> int:
     """Bytes of DDP's gradient buckets on each rank: one more copy of the trainable parameters' gradients.
 
@@ -206,11 +219,7 @@ def ddp_bucket_bytes(module: nn.Module, precision: str = "32-true", cuda: bool =
         440
 
     """
-    size = 2 if precision == "bf16-true" else None
-    total = 0
-    for param in module.parameters():
-        if param.requires_grad:
-            total += param.numel() * (size or param.element_size())
+    total = parameter_bytes(module, precision, trainable=True)
     return -(-total // 512) * 512 if cuda else total  # one allocation per bucket; rounding it is noise
 
 

@@ -33,6 +33,7 @@ from lightning_lowvram.planner.estimate import (
     MemoryEstimate,
     adam_optimizer,
     estimate_step_memory,
+    parameter_bytes,
     with_8bit_optimizer,
 )
 from lightning_lowvram.planner.timing import Traffic, rates_of, traffic_of
@@ -371,11 +372,8 @@ class _Search:
 
     def traffic(self, precision: str, layout: Layout) -> Traffic:
         """One rank's bytes per micro-batch across cards and over PCIe (parameters as stored, trainable gradients)."""
-        size = 2 if precision == "bf16-true" else None
-        params = list(self.module.parameters())
-        param_bytes = sum(p.numel() * (size or p.element_size()) for p in params)
-        grad_bytes = sum(p.numel() * (size or p.element_size()) for p in params if p.requires_grad)
-        return traffic_of(self.devices, layout[0], layout[1], param_bytes, grad_bytes)
+        params, grads = parameter_bytes(self.module, precision), parameter_bytes(self.module, precision, trainable=True)
+        return traffic_of(self.devices, layout[0], layout[1], params, grads)
 
     @staticmethod
     def key(c: Candidate) -> tuple[str, int, bool, bool, int, Layout]:

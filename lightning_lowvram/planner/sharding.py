@@ -28,12 +28,7 @@ from torch import nn
 
 Sharding = Literal["full", "grad_op", "none"]
 Offload = Literal["none", "optimizer", "params"]
-#: what each offload keeps in host memory (see :func:`offloaded`)
-OFFLOADED: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "optimizer": ("optimizer", "the optimizer step"),
-    "params": ("sharded parameters", "sharded gradients", "optimizer", "the optimizer step"),
-}
+OFFLOADS = ("none", "optimizer", "params")  # what each keeps in host memory: :func:`offloaded`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +60,7 @@ def shard_spec(devices: int, sharding: str, offload: str) -> ShardSpec | None:
         raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
     if sharding not in ("full", "grad_op", "none"):
         raise ValueError(f"sharding must be 'full', 'grad_op' or 'none', got {sharding!r}")
-    if offload not in OFFLOADED:
+    if offload not in OFFLOADS:
         raise ValueError(f"offload must be 'none', 'optimizer' or 'params', got {offload!r}")
     if sharding != "none" and devices == 1 and offload == "none":
         raise ValueError(
