@@ -18,9 +18,11 @@ then applies these rules so the trace allocates what the card would:
 - **Kernel workspaces** the meta kernels do not allocate (``KernelWorkspaces``): flash backward's float32 ``dq``
   accumulator and ``softmax_d``, memory-efficient backward's ``delta``; cuBLAS's workspace, one per handle (the
   forward's and the backward's thread), kept from the first GEMM (``cublas_workspace_bytes``); a cuDNN workspace while
-  each convolution runs (``CUDNN_WORKSPACE_CAP``; calibrated, see there). Not modelled: the memory-efficient backward's
-  gradient accumulators, split-KV forward buffers; grouped-query attention is traced on the math path (an
-  over-estimate).
+  each convolution runs (``CUDNN_WORKSPACE_CAP``; calibrated, see there). Grouped-query attention
+  (``enable_gqa``, HF's attention without a mask) runs on flash and cuDNN with the key/value heads as they are, and
+  flash's backward holds ``dk``/``dv`` for every query head (``flash_api.cpp``, ``mha_bwd``); the memory-efficient
+  kernel refuses it, so PyTorch runs the math path there (keys repeated, the L x L matrix). Not modelled: the
+  memory-efficient backward's gradient accumulators, split-KV forward buffers.
 
 The attention rules follow PyTorch's ``sdp_utils.cpp`` and ``flash_api.cpp`` as read. Against the one GPU
 measurement there is (an H200, issue 12) the estimates are -0.8 % to +1.7 % (``benchmarks/estimate_vs_h200.py``);
@@ -131,7 +133,10 @@ def sdpa_backend(
     aligned = d_qk == key.shape[-1] and d_qk % alignment == 0 and d_v % alignment == 0
     if major >= 8:  # storage offsets too (q, k, v are often views into one projection)
         aligned = aligned and all(t.storage_offset() % alignment == 0 for t in (query, key, value))
-    if sm >= 50 and aligned and dtype in efficient_dtypes and all(t.stride(-1) == 1 for t in (query, key, value)):
+    # memory-efficient attention takes no grouped-query inputs (``check_batch_size_and_num_heads_dense<false>``):
+    # GQA that neither cuDNN nor flash takes runs on the math path, which repeats the key/value heads
+    dense = same_heads and all(t.stride(-1) == 1 for t in (query, key, value))
+    if sm >= 50 and aligned and dtype in efficient_dtypes and dense:
         return "efficient"
     return "math"
 
@@ -164,8 +169,8 @@ def cuda_sdpa(
         enable_gqa=enable_gqa,
         compute_capability=compute_capability,
     )
-    # grouped-query attention is traced on the math path (an over-estimate: CUDA's fused kernels support it)
-    if backend == "math" or (enable_gqa and query.shape[-3] != key.shape[-3]):
+    # flash and cuDNN take grouped-query inputs as they are (their meta kernels give the key/value heads' shapes)
+    if backend == "math":
         with torch.autocast("cpu", enabled=False):
             return _aten._scaled_dot_product_attention_math(
                 query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa
@@ -465,6 +470,9 @@ class KernelWorkspaces(TorchDispatchMode):
             d_r = _round(d, 32 if d <= 128 else 64)
             f32 = {"dtype": torch.float32, "device": query.device}
             workspaces = [torch.empty(b, h, l_r, **f32), torch.empty(b, l_r, h, d_r, **f32)]  # softmax_d, dq_accum
+            l_k, h_k = args[2].shape[-2], args[2].shape[-3]
+            if h_k != h:  # grouped-query: dk and dv for every query head, summed into the key/value heads' after
+                workspaces += [torch.empty(b, l_k, h, d, dtype=query.dtype, device=query.device) for _ in range(2)]
         elif func is _aten._scaled_dot_product_efficient_attention_backward.default:
             query = args[1]
             workspaces = [torch.empty(*query.shape[:-1], dtype=torch.float32, device=query.device)]  # delta

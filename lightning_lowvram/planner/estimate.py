@@ -281,6 +281,34 @@ def check_batch(module: nn.Module, batch: Any) -> None:
         log.setLevel(level)
 
 
+def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module.to(dtype)`` (what Lightning's ``bf16-true`` does) that keeps tied parameters tied, in place.
+
+    ``Module.to`` swaps each parameter for its converted copy, which fails on fake tensors when a parameter is shared
+    (HF's tied embeddings: "Couldn't swap Embedding.weight"); here each distinct floating-point parameter is
+    converted once and put back wherever it was, and floating-point buffers are converted as ``to`` converts them.
+
+    Example:
+        >>> tied = nn.Sequential(nn.Embedding(4, 2), nn.Linear(2, 4, bias=False))
+        >>> tied[1].weight = tied[0].weight
+        >>> to_dtype(tied, torch.bfloat16)[1].weight is tied[0].weight, tied[0].weight.dtype
+        (True, torch.bfloat16)
+
+    """
+    converted: dict[int, nn.Parameter] = {}
+    for mod in module.modules():
+        for name, param in list(mod._parameters.items()):
+            if param is None or not param.is_floating_point():
+                continue
+            if id(param) not in converted:
+                converted[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+            mod._parameters[name] = converted[id(param)]
+        for name, buffer in list(mod._buffers.items()):
+            if buffer is not None and buffer.is_floating_point():
+                mod._buffers[name] = buffer.to(dtype)
+    return module
+
+
 def _detached_copy(module: nn.Module, mode: Any) -> nn.Module:
     """A copy of ``module`` (on fake tensors when ``mode`` is a ``FakeTensorMode``) whose logging goes nowhere."""
     with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
@@ -323,7 +351,7 @@ def _run(
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     copied = _detached_copy(module, mode)
     if precision == "bf16-true":
-        copied = copied.to(torch.bfloat16)
+        to_dtype(copied, torch.bfloat16)
     if activation_checkpointing:
         checkpoint_blocks(copied)
     copied.train()

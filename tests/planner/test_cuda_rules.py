@@ -54,6 +54,68 @@ def test_the_attention_kernel_is_chosen_as_cuda_chooses_it(dtype, capability, kw
     assert sdpa_backend(q, k, v, compute_capability=capability, **kwargs) == backend
 
 
+@pytest.mark.parametrize(
+    ("dtype", "capability", "backend"),
+    [
+        (torch.bfloat16, (8, 6), "flash"),  # flash takes GQA (check_batch_size_and_num_heads_dense<true>)
+        (torch.bfloat16, (9, 0), "cudnn"),  # so does cuDNN (requires_same_num_heads=false)
+        (torch.float32, (8, 6), "math"),  # memory-efficient does not (<false>): PyTorch falls back to math
+        (torch.float16, (7, 5), "math"),
+    ],
+)
+def test_grouped_query_attention_takes_the_kernels_pytorch_allows_it(dtype, capability, backend):
+    q = torch.zeros(B, H, SEQ, HEAD, dtype=dtype, requires_grad=True)
+    k, v = (torch.zeros(B, H // 2, SEQ, HEAD, dtype=dtype, requires_grad=True) for _ in range(2))
+    assert sdpa_backend(q, k, v, is_causal=True, enable_gqa=True, compute_capability=capability) == backend
+    assert sdpa_backend(q, k, v, is_causal=True, compute_capability=capability) == "math"  # without enable_gqa: error
+    with FakeTensorMode():  # the op CUDA runs gives the key/value heads' gradients
+        q, k, v = (torch.zeros(t.shape, dtype=dtype, requires_grad=True) for t in (q, k, v))
+        out = cuda_sdpa(q, k, v, is_causal=True, enable_gqa=True, compute_capability=capability)
+        out.float().sum().backward()
+    assert out.shape == q.shape and k.grad.shape == k.shape
+
+
+class _GQA(L.LightningModule):
+    """One attention layer whose keys and values have ``kv_heads`` heads (8 query heads of 64), as HF calls SDPA."""
+
+    def __init__(self, kv_heads):
+        super().__init__()
+        self.kv_heads = kv_heads
+        self.q = torch.nn.Linear(64, 8 * 64, bias=False)
+        self.kv = torch.nn.Linear(64, 2 * kv_heads * 64, bias=False)
+
+    def training_step(self, batch, batch_idx):
+        b, seq, _ = batch.shape
+        q = self.q(batch).view(b, seq, 8, 64).transpose(1, 2)
+        k, v = self.kv(batch).view(b, seq, 2, self.kv_heads, 64).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != 8)
+        return out.float().square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("gpu", "precision", "kv_heads", "quadratic"),
+    [
+        ("rtx3060_12gb", "bf16-mixed", 2, False),  # flash, GQA
+        ("rtx3060_12gb", "bf16-mixed", 8, False),  # flash, MHA
+        ("h100_80gb", "bf16-mixed", 2, False),  # cuDNN, GQA
+        ("h100_80gb", "bf16-mixed", 8, False),  # cuDNN, MHA
+        ("rtx3060_12gb", "32-true", 8, False),  # memory-efficient, MHA
+        ("rtx3060_12gb", "32-true", 2, True),  # GQA in float32: math (keys repeated, seq x seq scores)
+    ],
+)
+def test_attention_memory_is_linear_in_the_sequence_on_fused_kernels(gpu, precision, kv_heads, quadratic):
+    def peak(seq):  # long enough that the activations outweigh cuBLAS's workspaces
+        estimate = estimate_step_memory(_GQA(kv_heads), torch.zeros(1, seq, 64), gpu=gpu, precision=precision)
+        return estimate.peak
+
+    small, medium, large = peak(4096), peak(8192), peak(16384)
+    ratio = (large - medium) / (medium - small)  # 2 when memory is linear in the sequence, 4 when quadratic
+    assert (3.5 < ratio < 4.5) if quadratic else (1.8 < ratio < 2.2), ratio
+
+
 def test_inputs_without_a_head_dimension_take_the_math_path():
     q = torch.zeros(SEQ, HEAD, dtype=torch.bfloat16)
     assert sdpa_backend(q, q, q, compute_capability=(8, 0)) == "math"
