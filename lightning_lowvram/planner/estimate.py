@@ -41,6 +41,7 @@ from lightning_lowvram.planner.cuda_rules import (
 )
 from lightning_lowvram.planner.sharding import Offload, Sharding, ShardSpec, fake_world, offloaded, shard, shard_spec
 from lightning_lowvram.planner.timing import StepWork, WorkCounter
+from lightning_lowvram.planner.tracing import ScalarPlaceholders, has_meta_tensors, materialize_meta
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -168,8 +169,9 @@ def estimate_step_memory(
     try:
         per_phase, work, state = _run(*step, fake=True)
         method = "fake"
-    except _UNTRACEABLE:
+    except _UNTRACEABLE as err:
         # an op fake tensors cannot run (data-dependent shapes...): measure the same step for real on this machine
+        _real_run_instead(module, err)
         per_phase, work, state = _run(*step, fake=False)
         method = "measured"
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
@@ -273,7 +275,7 @@ def check_batch(module: nn.Module, batch: Any) -> None:
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        with mode, torch.no_grad():
+        with mode, torch.no_grad(), ScalarPlaceholders():
             _loss(copied, tree_map_only(torch.Tensor, mode.from_tensor, batch))
     except _UNTRACEABLE:
         return
@@ -309,10 +311,34 @@ def to_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
+def _real_run_instead(module: nn.Module, err: Exception) -> None:
+    """Announce the measured fallback (or refuse it for a module without weights): what it costs and why."""
+    name = type(module).__name__
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if has_meta_tensors(module):
+        raise ValueError(
+            f"{name} is on the meta device (no weights) and its training_step cannot be traced on fake tensors "
+            f"({reason}), so it cannot be estimated; a branch on a tensor's value (if loss > x, bool(t)) is the usual "
+            "cause: estimate a module with real weights, or move the branch out of training_step"
+        ) from err
+    warnings.warn(
+        f"estimate_step_memory: {name}.training_step cannot be traced on fake tensors ({reason}); it runs once for "
+        "real on this machine's CPU instead (its memory and time here, CPU kernels and no CUDA attention rules): "
+        "method='measured'",
+        stacklevel=3,
+    )
+
+
 def _detached_copy(module: nn.Module, mode: Any) -> nn.Module:
-    """A copy of ``module`` (on fake tensors when ``mode`` is a ``FakeTensorMode``) whose logging goes nowhere."""
+    """A copy of ``module`` (on fake tensors when ``mode`` is a ``FakeTensorMode``) whose logging goes nowhere.
+
+    Meta-device weights become fake CPU tensors (``tracing.materialize_meta``): a module built without its weights
+    traces as the real module does.
+    """
     with torch._subclasses.fake_tensor.FakeCopyMode(mode) if mode else contextlib.nullcontext():
         copied = copy.deepcopy(module)
+    if mode:
+        materialize_meta(copied, mode)
     copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
     return copied
 
@@ -374,6 +400,7 @@ def _run(
         cuda_rounding(cuda),
         kernels,
         policy,
+        ScalarPlaceholders() if fake else contextlib.nullcontext(),
         warnings.catch_warnings(),
     ):
         # FSDP2 warns of in-place ops on a unit's view outputs, once per trace; the real run warns the user itself

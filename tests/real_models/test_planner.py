@@ -1,6 +1,7 @@
 """The estimator and the planner on the architectures users bring: dict batches, padding, tied weights, GQA."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, gpu_profile
 from lightning_lowvram.planner import estimate_step_memory, plan
 from tests.helpers import quiet_trainer
-from tests.real_models.models import NAMES, HFModule, build, hf_batches, hf_model
+from tests.real_models.models import HF_NAMES, NAMES, HFModule, build, hf_batches, hf_model
 
 
 def _measured(name, micro, precision):
@@ -63,3 +64,81 @@ def test_a_bf16_true_estimate_matches_the_meter(name, load, lora):
     estimate = estimate_step_memory(module(), next(iter(loader)), micro_batch_size=4, precision="bf16-true")
     assert estimate.method == "fake"
     assert abs(estimate.peak - measured) <= 0.05 * measured, (estimate, measured)
+
+
+class _Logging(HFModule):
+    """Logs as many users do: a Python float of the loss, and a list of per-row token counts."""
+
+    def training_step(self, batch, batch_idx):
+        outputs = self.model(**batch)
+        self.log("train_loss", outputs.loss.item())
+        self.log("tokens", float(sum(batch["attention_mask"].sum(dim=1).tolist())))
+        return outputs.loss
+
+
+@pytest.mark.parametrize("name", HF_NAMES)
+def test_a_step_that_logs_python_numbers_is_traced_like_any_other(name):
+    """``.item()``, ``.tolist()`` and ``float()`` in training_step: fake tensors, the card's rules, no real run."""
+    batch = next(iter(hf_batches(name)))
+    plain = estimate_step_memory(HFModule(hf_model(name)), batch, gpu="rtx3060_12gb", precision="bf16-mixed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logged = estimate_step_memory(_Logging(hf_model(name)), batch, gpu="rtx3060_12gb", precision="bf16-mixed")
+    assert logged.method == "fake" and not [w for w in caught if "cannot be traced" in str(w.message)]
+    assert logged.peak == plain.peak
+
+
+def _empty(name, how):
+    """The model of ``hf_model(name)`` built without weights: on the meta device or by accelerate."""
+    config = hf_model(name).config
+    cls = type(hf_model(name))
+    if how == "meta":
+        with torch.device("meta"):
+            return cls(config)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls(config)
+    model.tie_weights()  # accelerate's hook re-creates each registered parameter, so ties are made again after
+    return model
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("how", ["meta", "accelerate"])
+@pytest.mark.parametrize("name", HF_NAMES)
+def test_a_module_without_weights_estimates_as_the_real_one(name, how, lora):
+    def wrap(model):
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        return HFModule(model, optimizer="adamw")
+
+    batch = next(iter(hf_batches(name)))
+    empty = wrap(_empty(name, how))
+    assert all(p.is_meta for p in empty.parameters())
+    for kwargs in ({}, {"gpu": "rtx3060_12gb", "precision": "bf16-mixed", "activation_checkpointing": True}):
+        real = estimate_step_memory(wrap(hf_model(name)), batch, **kwargs)
+        assert estimate_step_memory(empty, batch, **kwargs).by_category == real.by_category
+    assert all(p.is_meta for p in empty.parameters())  # nothing was materialised in the user's module
+
+
+@pytest.mark.usefixtures("no_cublas_workspace")
+def test_a_plan_from_a_module_without_weights_is_the_real_modules_plan():
+    batch = next(iter(hf_batches("llama")))
+    real = plan(HFModule(hf_model("llama"), optimizer="adamw"), batch, "rtx3060_12gb")
+    empty = plan(HFModule(_empty("llama", "meta"), optimizer="adamw"), batch, "rtx3060_12gb")
+    assert empty.table() == real.table()
+
+
+class _Branching(HFModule):
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        return loss * 2 if loss > 1 else loss  # a branch on the value: not traceable
+
+
+def test_a_module_without_weights_that_cannot_be_traced_is_refused_without_blaming_the_batch():
+    batch = next(iter(hf_batches("llama")))
+    with pytest.raises(ValueError, match="on the meta device .* cannot be traced") as err:
+        estimate_step_memory(_Branching(_empty("llama", "meta")), batch)
+    assert "batch" not in str(err.value).split("(")[0]
+    with pytest.warns(UserWarning, match="runs once for real"):  # with weights: measured, and announced
+        assert estimate_step_memory(_Branching(hf_model("llama")), batch).method == "measured"
