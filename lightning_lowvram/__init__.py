@@ -4,6 +4,7 @@ from lightning_lowvram.batching import merge_outputs, split_batch
 from lightning_lowvram.callbacks import (
     ActivationCheckpointingCallback,
     AutoMicroBatchCallback,
+    ChunkedCrossEntropyCallback,
     DynamicQuantCallback,
     EightBitOptimizerCallback,
     LowBitBaseCallback,
@@ -11,6 +12,8 @@ from lightning_lowvram.callbacks import (
     PruningCallback,
     plan_callbacks,
 )
+from lightning_lowvram.chunked_ce import linear_cross_entropy
+from lightning_lowvram.chunked_ce_hf import apply_chunked_cross_entropy
 from lightning_lowvram.fsdp2 import FSDP2Strategy, apply_fsdp2
 from lightning_lowvram.memory import (
     GPUProfile,
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationCheckpointingCallback",
     "AutoMicroBatchCallback",
+    "ChunkedCrossEntropyCallback",
     "DynamicQuantCallback",
     "EightBitOptimizerCallback",
     "FSDP2Strategy",
@@ -43,11 +47,13 @@ __all__ = [
     "PruningCallback",
     "MemoryStats",
     "format_bytes",
+    "apply_chunked_cross_entropy",
     "apply_fsdp2",
     "estimate_step_memory",
     "gpu_profile",
     "is_oom_error",
     "known_gpus",
+    "linear_cross_entropy",
     "load_pruned",
     "load_quantized",
     "memory_budget",

@@ -2,6 +2,7 @@
 
 from lightning_lowvram.callbacks.activation_checkpointing import ActivationCheckpointingCallback
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
+from lightning_lowvram.callbacks.chunked_cross_entropy import ChunkedCrossEntropyCallback
 from lightning_lowvram.callbacks.dynamic_quant import DynamicQuantCallback
 from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
@@ -12,6 +13,7 @@ from lightning_lowvram.callbacks.pruning import PruningCallback
 __all__ = [
     "ActivationCheckpointingCallback",
     "AutoMicroBatchCallback",
+    "ChunkedCrossEntropyCallback",
     "DynamicQuantCallback",
     "EightBitOptimizerCallback",
     "LowBitBaseCallback",

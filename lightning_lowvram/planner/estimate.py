@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_map_only
 
 from lightning_lowvram.batching import batch_size_of, slice_batch
 from lightning_lowvram.checkpointing import checkpoint_blocks
+from lightning_lowvram.chunked_ce_hf import apply_chunked_cross_entropy
 from lightning_lowvram.memory.meter import MemoryMeter
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
 from lightning_lowvram.planner.cuda_rules import (
@@ -108,6 +109,7 @@ def estimate_step_memory(
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     activation_checkpointing: bool = False,
     optimizer_8bit: bool = False,
+    chunked_cross_entropy: bool = False,
     gpu: str | GPUProfile | None = None,
     device: Literal["cpu", "cuda"] | None = None,
     devices: int = 1,
@@ -127,6 +129,8 @@ def estimate_step_memory(
         activation_checkpointing: Checkpoint repeated blocks (as ActivationCheckpointingCallback does).
         optimizer_8bit: Adam/AdamW state in 8 bits (as EightBitOptimizerCallback does). *Modelled*, not traced: the
             traced float32 moments are replaced by torchao's layout, byte for byte (tested against torchao on CPU).
+        chunked_cross_entropy: A Hugging Face causal LM's head and loss in chunks (as ChunkedCrossEntropyCallback
+            does), traced: the chunked loss runs on the fake copy.
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
             ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
@@ -164,8 +168,8 @@ def estimate_step_memory(
     micro = min(micro_batch_size or n, n)
     split = micro < n  # later micro-batches of a step run with the step's gradients already there
 
-    step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, activation_checkpointing, capability,
-            spec)  # fmt: skip
+    strategies = (activation_checkpointing, chunked_cross_entropy)
+    step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, strategies, capability, spec)
     try:
         per_phase, work, state = _run(*step, fake=True)
         method = "fake"
@@ -357,7 +361,7 @@ def _run(
     accumulating: bool,
     precision: str,
     optimizer: Any,
-    activation_checkpointing: bool,
+    strategies: tuple[bool, bool],
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
@@ -370,7 +374,8 @@ def _run(
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
 
-    ``capability``: the CUDA card's compute capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
+    ``strategies``: activation checkpointing, chunked cross-entropy. ``capability``: the CUDA card's compute
+    capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
     an FSDP2 job over a fake process group.
     """
     cuda = capability is not None
@@ -378,8 +383,11 @@ def _run(
     copied = _detached_copy(module, mode)
     if precision == "bf16-true":
         to_dtype(copied, torch.bfloat16)
+    activation_checkpointing, chunked_cross_entropy = strategies
     if activation_checkpointing:
         checkpoint_blocks(copied)
+    if chunked_cross_entropy:
+        apply_chunked_cross_entropy(copied)
     copied.train()
     inputs = tree_map_only(torch.Tensor, mode.from_tensor, batch) if mode else batch
     per_phase: dict[str, Any] = {}  # the meter's stats at each phase's highest peak
@@ -422,13 +430,18 @@ def _run(
             opt.step()
             record("optimizer")
             # the second step, as in steady state: when the batch splits, every micro-batch after the first of a step
-            # runs with the step's gradients already there (the peak), which the kept zero gradients stand for
-            opt.zero_grad(set_to_none=not accumulating)
+            # runs with the step's gradients already there (the peak), which the kept zero gradients stand for.
+            # Unsplit, Lightning's closure runs training_step *before* zero_grad (set_to_none): the previous step's
+            # gradients are still there during the forward and freed before the backward (ANCHORS.md, mechanics).
+            if accumulating:
+                opt.zero_grad(set_to_none=False)
             with counter:
                 meter.reset_peak()
                 with _autocast(precision):
                     loss = _loss(copied, inputs)
                 record("forward")
+                if not accumulating:
+                    opt.zero_grad(set_to_none=True)
                 _backward(loss)
                 del loss
                 record("backward")

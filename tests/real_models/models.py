@@ -204,3 +204,28 @@ def build(name: str, **kwargs) -> tuple[L.LightningModule, DataLoader]:
 
 def first_batch(name: str, **kwargs):
     return next(iter(build(name, **kwargs)[1]))
+
+
+CAUSAL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+
+
+def causal_lm(model_type: str, vocab: int = VOCAB, hidden: int = 32, **overrides) -> nn.Module:
+    """A tiny random-init HF causal LM of ``model_type`` from its config (no download), dropout off.
+
+    Gemma-2 gets a small ``final_logit_softcapping`` so the capping is exercised, not saturated or idle.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if model_type == "gpt2":
+        return hf_model("gpt2", hidden=hidden) if vocab == VOCAB and not overrides else GPT2LMHeadModel(
+            GPT2Config(**{**hf_model("gpt2", hidden=hidden).config.to_dict(), "vocab_size": vocab, **overrides}))
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,
+        attention_dropout=0.0, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    if model_type == "gemma2":
+        kwargs |= {"final_logit_softcapping": 2.0, "attn_logit_softcapping": None, "query_pre_attn_scalar": hidden // 4}
+    config = AutoConfig.for_model(model_type, **{**kwargs, **overrides})
+    return AutoModelForCausalLM.from_config(config)
