@@ -48,6 +48,17 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, LOGITS_PER_CHUNK // max(1, vocab_size))
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Refuse a chunk size that is not ``None`` or an integer >= 1, naming it.
+
+    Raises:
+        ValueError: ``chunk_size must be an integer >= 1 (tokens a chunk), got 0``.
+
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 (tokens a chunk), got {chunk_size!r}")
+
+
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float | None) -> torch.Tensor:
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
@@ -126,8 +137,7 @@ def head_cross_entropy(
         ValueError: For a ``chunk_size`` below 1 or targets that do not match the tokens.
 
     """
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     flat = targets.reshape(-1)
     if flat.shape[0] != hidden2d.shape[0]:

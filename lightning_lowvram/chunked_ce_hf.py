@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lowvram.chunked_ce import head_cross_entropy
+from lightning_lowvram.chunked_ce import check_chunk_size, head_cross_entropy
 
 Backend = Literal["auto", "chunked", "cce"]
 BACKENDS = ("auto", "chunked", "cce")
@@ -71,7 +71,8 @@ def why_not_supported(model: nn.Module) -> str | None:
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     if model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
-        return f"{name} computes its loss with {getattr(model.loss_function, '__name__', 'a custom loss')}, not HF's ForCausalLMLoss"
+        loss = getattr(model.loss_function, "__name__", "a custom loss")
+        return f"{name} computes its loss with {loss}, not HF's ForCausalLMLoss"
     head = model.get_output_embeddings()
     if head is None:
         return f"{name} has no output embeddings (get_output_embeddings() is None)"
@@ -81,7 +82,9 @@ def why_not_supported(model: nn.Module) -> str | None:
     return None
 
 
-def apply_chunked_cross_entropy(module: nn.Module, chunk_size: int | None = None, backend: Backend = "auto") -> list[str]:
+def apply_chunked_cross_entropy(
+    module: nn.Module, chunk_size: int | None = None, backend: Backend = "auto"
+) -> list[str]:
     """Patch every HF causal LM in ``module`` (see the module docstring); returns their class names.
 
     Raises:
@@ -97,8 +100,7 @@ def apply_chunked_cross_entropy(module: nn.Module, chunk_size: int | None = None
         >>> remove_chunked_cross_entropy(model)
 
     """
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1 (tokens a chunk), got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     models = causal_lms(module)
@@ -169,7 +171,8 @@ def _loss(
 ) -> tuple[torch.Tensor, str]:  # fmt: skip
     if backend == "cce" or (backend == "auto" and _cce_available(hidden, head)):
         if not _cce_available(hidden, head):
-            raise RuntimeError("backend='cce' needs CUDA tensors, a plain nn.Linear head and `pip install cut-cross-entropy`")
+            needs = "CUDA tensors, a plain nn.Linear head and `pip install cut-cross-entropy`"
+            raise RuntimeError(f"backend='cce' needs {needs}")
         from cut_cross_entropy import linear_cross_entropy as cce  # unverified: no GPU has run this path here
 
         flat, hidden2d = targets.reshape(-1), hidden.reshape(-1, hidden.shape[-1])

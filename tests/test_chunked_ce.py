@@ -32,7 +32,8 @@ def test_loss_and_gradients_equal_the_plain_computation(softcap, bias, num_items
     plain = plain / num_items if num_items else plain
     chunked = linear_cross_entropy(h, w, y, b, softcap=softcap, num_items=num_items, chunk_size=7)
     assert _close(chunked, plain)
-    for g_plain, g_chunked in zip(torch.autograd.grad(plain * 2, inputs), torch.autograd.grad(chunked * 2, inputs)):
+    expected, got = torch.autograd.grad(plain * 2, inputs), torch.autograd.grad(chunked * 2, inputs)
+    for g_plain, g_chunked in zip(expected, got, strict=True):
         assert _close(g_chunked, g_plain)
 
 
@@ -43,7 +44,7 @@ def test_a_module_with_its_own_linear_head_trains_through_the_functional_form():
     plain = F.cross_entropy(head(body(x)).flatten(0, 1), y.flatten())
     grads = torch.autograd.grad(plain, [*body.parameters(), *head.parameters()])
     chunked = linear_cross_entropy(body(x), head.weight, y, head.bias, chunk_size=6)
-    for g, c in zip(grads, torch.autograd.grad(chunked, [*body.parameters(), *head.parameters()])):
+    for g, c in zip(grads, torch.autograd.grad(chunked, [*body.parameters(), *head.parameters()]), strict=True):
         assert _close(c, g)
 
 
@@ -77,5 +78,5 @@ def test_only_one_chunk_of_logits_lives_at_a_time():
 @pytest.mark.parametrize("chunk_size", [0, -3, True])
 def test_a_chunk_size_below_one_is_refused_naming_it(chunk_size):
     h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match=f"chunk_size must be an integer >= 1, got {chunk_size!r}"):
+    with pytest.raises(ValueError, match=rf"chunk_size must be an integer >= 1 \(tokens a chunk\), got {chunk_size!r}"):
         head_cross_entropy(h, lambda t: t @ w.T, [], y, chunk_size=chunk_size)

@@ -7,7 +7,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_lowvram.chunked_ce import check_chunk_size
 from lightning_lowvram.chunked_ce_hf import (
+    BACKENDS,
     Backend,
     apply_chunked_cross_entropy,
     is_chunked,
@@ -51,10 +53,9 @@ class ChunkedCrossEntropyCallback(Callback):
     """
 
     def __init__(self, chunk_size: int | None = None, backend: Backend = "auto") -> None:
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be an integer >= 1 (tokens a chunk), got {chunk_size!r}")
-        if backend not in ("auto", "chunked", "cce"):
-            raise ValueError(f"backend must be 'auto', 'chunked' or 'cce', got {backend!r}")
+        check_chunk_size(chunk_size)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         self.chunk_size, self.backend = chunk_size, backend
         self.patched: list[str] = []
         self._announced = False

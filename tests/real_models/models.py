@@ -218,8 +218,13 @@ def causal_lm(model_type: str, vocab: int = VOCAB, hidden: int = 32, **overrides
 
     torch.manual_seed(0)
     if model_type == "gpt2":
-        return hf_model("gpt2", hidden=hidden) if vocab == VOCAB and not overrides else GPT2LMHeadModel(
-            GPT2Config(**{**hf_model("gpt2", hidden=hidden).config.to_dict(), "vocab_size": vocab, **overrides}))
+        return (
+            hf_model("gpt2", hidden=hidden)
+            if vocab == VOCAB and not overrides
+            else GPT2LMHeadModel(
+                GPT2Config(**{**hf_model("gpt2", hidden=hidden).config.to_dict(), "vocab_size": vocab, **overrides})
+            )
+        )
     kwargs = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,

@@ -80,7 +80,10 @@ def test_training_with_micro_batches_ends_like_plain_lightning(family):
     plain = _fit(HFModule(causal_lm(family).double()), [])
     chunked = _fit(
         HFModule(causal_lm(family).double()),
-        [ChunkedCrossEntropyCallback(chunk_size=9), AutoMicroBatchCallback(micro_batch_size=2, count_fn="causal_lm_tokens")],
+        [
+            ChunkedCrossEntropyCallback(chunk_size=9),
+            AutoMicroBatchCallback(micro_batch_size=2, count_fn="causal_lm_tokens"),
+        ],
     )
     for p, c in zip(plain.parameters(), chunked.parameters(), strict=True):
         assert torch.allclose(p, c, rtol=1e-7, atol=1e-9)
@@ -111,7 +114,8 @@ def test_the_step_peak_is_under_a_quarter_of_the_plain_step_where_the_logits_dom
         callbacks = [report] + ([ChunkedCrossEntropyCallback()] if chunked else [])
         quiet_trainer(max_steps=3, callbacks=callbacks).fit(_long_context_llama(), _long_batches())
         peaks[chunked] = report.reports["fit"].total
-        estimate = estimate_step_memory(_long_context_llama(), next(iter(_long_batches())), chunked_cross_entropy=chunked)
+        batch = next(iter(_long_batches()))
+        estimate = estimate_step_memory(_long_context_llama(), batch, chunked_cross_entropy=chunked)
         assert abs(estimate.peak - peaks[chunked]) <= 0.05 * peaks[chunked], (chunked, estimate, peaks[chunked])
     assert peaks[True] <= 0.25 * peaks[False], peaks
 
