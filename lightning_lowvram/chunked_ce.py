@@ -131,7 +131,7 @@ def head_cross_entropy(
         softcap: Soft-capping of the logits, ``softcap * tanh(logits / softcap)``; ``None``: none.
         num_items: Divide the summed loss by this (HF's ``num_items_in_batch``); ``None``: the mean over the targets
             that count.
-        chunk_size: Tokens per chunk; ``None``: :func:`default_chunk_size` of the head's output width.
+        chunk_size: Tokens per chunk (:func:`default_chunk_size` of the vocabulary is a good one).
 
     Raises:
         ValueError: For a ``chunk_size`` below 1 or targets that do not match the tokens.
@@ -144,9 +144,8 @@ def head_cross_entropy(
         raise ValueError(f"targets: {flat.shape[0]} targets for {hidden2d.shape[0]} tokens")
     denominator: Any = num_items if num_items is not None else (flat != ignore_index).sum()
     if chunk_size is None:
-        with torch.no_grad():
-            width = head(hidden2d[:1].detach()).shape[-1]
-        chunk_size = default_chunk_size(width)
+        # not by calling the head: under autocast a cast made without grad would be cached and cut the gradient
+        raise ValueError("chunk_size: give the tokens a chunk, e.g. default_chunk_size(vocab_size)")
     options = (ignore_index, softcap, int(chunk_size), denominator)
     return _HeadCrossEntropy.apply(hidden2d, flat, head, options, *params)
 
@@ -196,5 +195,5 @@ def linear_cross_entropy(
         ignore_index=ignore_index,
         softcap=softcap,
         num_items=num_items,
-        chunk_size=chunk_size,
+        chunk_size=default_chunk_size(weight.shape[0]) if chunk_size is None else chunk_size,
     )

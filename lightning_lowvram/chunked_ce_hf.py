@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lowvram.chunked_ce import check_chunk_size, head_cross_entropy
+from lightning_lowvram.chunked_ce import check_chunk_size, default_chunk_size, head_cross_entropy
 
 Backend = Literal["auto", "chunked", "cce"]
 BACKENDS = ("auto", "chunked", "cce")
@@ -154,6 +154,7 @@ def _chunked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     field = FAMILIES[self.config.model_type]
     softcap = getattr(self.config, field, None) if field else None
     chunk_size, backend = self._lowvram_chunked_ce
+    chunk_size = chunk_size or default_chunk_size(self.config.vocab_size)
     head = self.get_output_embeddings()
     loss, ran = _loss(hidden, head, targets.to(hidden.device), ignore_index, softcap,
                       loss_kwargs.get("num_items_in_batch"), chunk_size, backend)  # fmt: skip

@@ -6,6 +6,7 @@ from typing import Any
 
 from lightning_lowvram.callbacks.activation_checkpointing import ActivationCheckpointingCallback
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
+from lightning_lowvram.callbacks.chunked_cross_entropy import ChunkedCrossEntropyCallback
 from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
 from lightning_lowvram.callbacks.optimizer_8bit import EightBitOptimizerCallback
 from lightning_lowvram.planner.search import Plan
@@ -34,4 +35,6 @@ def plan_callbacks(plan: Plan) -> list[Any]:
         out.append(EightBitOptimizerCallback())
     if plan.chosen.base_bits:
         out.append(LowBitBaseCallback(bits=plan.chosen.base_bits))
+    if plan.chosen.chunked_ce:
+        out.append(ChunkedCrossEntropyCallback())
     return out

@@ -57,6 +57,7 @@ class Candidate:
     devices: int = 1
     sharding: str = "none"  # "none" (one card, or DDP), "full" / "grad_op" (FSDP2Strategy's reshard_after_forward)
     offload: str = "none"  # "params": FSDP2's CPU offload (FSDP2Strategy(cpu_offload=True))
+    chunked_ce: bool = False  # a HF causal LM's head and loss in chunks (ChunkedCrossEntropyCallback)
 
     @property
     def int8_base(self) -> bool:
@@ -79,6 +80,7 @@ class Candidate:
         parts += ["8-bit optimizer"] if self.optimizer_8bit else []
         parts += [{8: "int8 frozen base", 4: "NF4 frozen base"}[self.base_bits]] if self.base_bits else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
+        parts += ["chunked CE"] if self.chunked_ce else []
         return ", ".join(parts)
 
 
@@ -166,6 +168,7 @@ class Plan:
         nodes += ["lowvram_activation_checkpointing"] if self.chosen.activation_checkpointing else []
         nodes += ["lowvram_optimizer_8bit"] if self.chosen.optimizer_8bit else []
         nodes += ["lowvram_low_bit_base"] if self.chosen.base_bits else []
+        nodes += ["lowvram_chunked_cross_entropy"] if self.chosen.chunked_ce else []
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
         if "lowvram_auto_micro_batch" in nodes:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
@@ -199,6 +202,7 @@ def plan(
     allow_int8_base: bool = False,
     allow_low_bit_base: bool = False,
     precisions: tuple[str, ...] | list[str] | None = None,
+    allow_chunked_ce: bool = True,
 ) -> Plan:
     """Choose the fastest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
 
@@ -225,6 +229,10 @@ def plan(
             base's (not modelled).
         precisions: Precisions to consider; default float32 and the card's mixed precision (bf16, else fp16). Pass
             ``("32-true",)`` when you need float32 numerics.
+        allow_chunked_ce: For a Hugging Face causal LM whose head and loss it reproduces exactly
+            (``chunked_ce_hf.FAMILIES``), every setting but the plain one computes them in chunks
+            (ChunkedCrossEntropyCallback), traced: the same loss and gradients, the same FLOPs (the step-time model
+            counts them), a fraction of the logits' bytes.
 
     Raises:
         ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput (or, for
@@ -266,6 +274,7 @@ def plan(
     sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
     first = "32-true" if "32-true" in precisions else precisions[0]
     candidates = [search.extrapolated(first, n, False, False, 0, ("none", "none"))]  # the plain setup
+    search.chunked = allow_chunked_ce and _chunkable(module)
     skipped: list[str] = []
     layouts: list[Layout] = [("none", "none")] + ([("grad_op", "none"), ("full", "none")] if devices > 1 else [])
     for layout in layouts:  # least traffic first: what fits there bounds what more traffic could win
@@ -329,7 +338,7 @@ def _rank(c: Candidate) -> tuple[float, int, int]:
     changes less of the user's setup wins the tie.
     """
     changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit + bool(c.base_bits)
-    changes += (c.sharding != "none") + (c.offload != "none")
+    changes += (c.sharding != "none") + (c.offload != "none") + c.chunked_ce
     return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
 
 
@@ -358,15 +367,16 @@ class _Search:
         self.module, self.batch, self.profile, self.budget, self.n = module, batch, profile, budget, n
         self.savings = savings  # bits -> (bytes a low-bit frozen base saves, the dequantization transient)
         self.devices = devices
-        self.cache: dict[tuple[str, int, bool, Layout], MemoryEstimate] = {}
+        self.chunked = False  # trace with the chunked cross-entropy (every setting but the plain one, where it applies)
+        self.cache: dict[tuple[str, int, bool, Layout, bool], MemoryEstimate] = {}
 
     def trace(self, precision: str, micro: int, ckpt: bool, layout: Layout) -> MemoryEstimate:
-        key = (precision, micro, ckpt, layout)
+        key = (precision, micro, ckpt, layout, self.chunked)
         if key not in self.cache:
             self.cache[key] = estimate_step_memory(
                 self.module, self.batch, micro_batch_size=micro, precision=precision,
                 activation_checkpointing=ckpt, gpu=self.profile, devices=self.devices, sharding=layout[0],  # type: ignore[arg-type]
-                offload=layout[1],  # type: ignore[arg-type]
+                offload=layout[1], chunked_cross_entropy=self.chunked,  # type: ignore[arg-type]
             )  # fmt: skip
         return self.cache[key]
 
@@ -393,8 +403,9 @@ class _Search:
             estimate = dataclasses.replace(estimate, peak=estimate.peak - saved + transient, by_category=by_category)
         fits = estimate.peak - estimate.allowance <= self.budget
         return Candidate(
-            precision, micro, ckpt, optim8, base_bits, estimate, fits, seconds, traced, self.devices, *layout
-        )
+            precision, micro, ckpt, optim8, base_bits, estimate, fits, seconds, traced, self.devices, *layout,
+            chunked_ce=self.chunked,
+        )  # fmt: skip
 
     def traced(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int, layout: Layout) -> Candidate:
         estimate = self.trace(precision, micro, ckpt, layout)
@@ -404,7 +415,7 @@ class _Search:
     def extrapolated(
         self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int, layout: Layout
     ) -> Candidate:
-        if (precision, micro, ckpt, layout) in self.cache or micro <= 2:
+        if (precision, micro, ckpt, layout, self.chunked) in self.cache or micro <= 2:
             return self.traced(precision, micro, ckpt, optim8, base8, layout)
         one, two = self.trace(precision, 1, ckpt, layout), self.trace(precision, min(2, self.n), ckpt, layout)
         grow = micro - 1
@@ -437,6 +448,14 @@ def _base_saving(module: nn.Module, bits: int) -> tuple[int, int]:
     from lightning_lowvram.lowbit import low_bit_saving
 
     return low_bit_saving(module, bits)  # type: ignore[arg-type]
+
+
+def _chunkable(module: nn.Module) -> bool:
+    """Whether ``module`` holds HF causal LMs the chunked cross-entropy reproduces exactly."""
+    from lightning_lowvram.chunked_ce_hf import causal_lms, why_not_supported
+
+    models = causal_lms(module)
+    return bool(models) and not any(why_not_supported(m) for m in models)
 
 
 def _has_blocks(module: nn.Module) -> bool:

@@ -1,7 +1,10 @@
 """Chunked linear + cross-entropy on the causal LMs users bring: exact, through Lightning, and the bytes it saves."""
 
+import contextlib
 import copy
+import dataclasses
 
+import lightning as L
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -13,8 +16,11 @@ from lightning_lowvram import (
     ChunkedCrossEntropyCallback,
     MemoryReportCallback,
     apply_chunked_cross_entropy,
+    gpu_profile,
+    memory_budget,
+    plan_callbacks,
 )
-from lightning_lowvram.planner import estimate_step_memory
+from lightning_lowvram.planner import estimate_step_memory, plan
 from tests.helpers import quiet_trainer
 from tests.real_models.models import CAUSAL_FAMILIES, HFModule, causal_lm, hf_batches, hf_model
 
@@ -144,3 +150,49 @@ def test_a_custom_loss_a_head_with_dropout_and_a_model_without_a_causal_lm_are_r
     _refused(dropout, r"head has dropout \(lora_dropout.default\)")
     with pytest.raises(ValueError, match="BertForSequenceClassification holds no Hugging Face \\*ForCausalLM"):
         apply_chunked_cross_entropy(hf_model("bert"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_under_bf16_autocast_the_gradients_match_to_bf16_rounding(family):
+    """Autocast caches one bf16 cast of each weight: every chunk's gradient must still reach the weight."""
+    batch = next(iter(hf_batches("llama")))
+    model = causal_lm(family)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _loss_and_grads(model, batch)
+        apply_chunked_cross_entropy(model, chunk_size=5)
+        chunked = _loss_and_grads(model, batch)
+    _assert_exact(plain, chunked, rel=1e-2)
+
+
+class _Losses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.usefixtures("no_cublas_workspace")
+def test_the_plan_picks_the_chunked_loss_and_runs_where_the_plain_step_does_not_fit():
+    """Scaled down (2048 tokens, vocabulary 32000): the plan's setting trains under the emulated card, losses equal."""
+    batch = next(iter(_long_batches()))
+    plain = estimate_step_memory(_long_context_llama(), batch, device="cuda")
+    card = dataclasses.replace(gpu_profile("rtx3060_12gb"), memory_gib=plain.peak * 0.5 / 2**30, context_mib=0)
+    chosen = plan(_long_context_llama(), batch, card, precisions=("32-true",))
+    assert not chosen.candidates[0].fits and chosen.chosen is not None and chosen.chosen.chunked_ce, chosen.table()
+    assert "lowvram_chunked_cross_entropy" in chosen.overrides()[1]
+    callbacks = plan_callbacks(chosen)
+    assert any(isinstance(c, ChunkedCrossEntropyCallback) for c in callbacks)
+
+    def fit(callbacks, budget):
+        torch.manual_seed(0)
+        losses = _Losses()
+        trainer = quiet_trainer(max_steps=3, callbacks=[*callbacks, losses], **chosen.trainer_kwargs())
+        with memory_budget(card, device="cpu") if budget else contextlib.nullcontext():
+            trainer.fit(_long_context_llama(), _long_batches())
+        return losses.losses
+
+    reference = fit([], budget=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        fit([], budget=True)  # the plain step does not fit the emulated card
+    assert fit(callbacks, budget=True) == pytest.approx(reference, rel=1e-5)
