@@ -1,0 +1,98 @@
+"""Longest context that fits a card for LoRA / QLoRA fine-tuning, predicted (issue 23's showcase).
+
+Llama-3.2-1B's shape (vocabulary 128256, tied embeddings), peft LoRA r=16 on all seven projections, bf16 weights
+(``bf16-true``), batch 1, activation checkpointing; and Llama-3.1-8B's shape, QLoRA (NF4 frozen base modelled as
+``LowBitBaseCallback(bits=4)`` stores it, r=32 on all linear layers, bf16-mixed compute), batch 1, checkpointing.
+Both built on the meta device (no weights in RAM). "before": the landed head and loss (whole float32 logits);
+"after": ChunkedCrossEntropyCallback. Predictions of ``planner.context.longest_sequence`` (multiples of 512 tokens,
+margin 10 %); nothing here ran on a GPU. Unsloth's and HF+FA2's numbers are as published (ANCHORS.md), not measured.
+
+    python -m benchmarks.long_context
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_lowvram.lowbit import low_bit_saving
+from lightning_lowvram.planner.context import longest_sequence
+
+CARDS = ("rtx4060_8gb", "rtx3060_12gb", "rtx4080_16gb", "rtx4090_24gb")
+UNSLOTH_8B = {"rtx4060_8gb": 2972, "rtx3060_12gb": 21848, "rtx4080_16gb": 40724, "rtx4090_24gb": 78475}  # published
+HF_FA2_8B = {"rtx4060_8gb": "OOM", "rtx3060_12gb": 932, "rtx4080_16gb": 2551, "rtx4090_24gb": 5789}  # published
+
+
+class CausalLMModule(L.LightningModule):
+    """A user's LoRA fine-tuning module: dict batches, ``outputs.loss``, the loss logged as a Python float."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+
+def llama_1b() -> CausalLMModule:
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rope_theta=500000.0,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return CausalLMModule(get_peft_model(model, LoraConfig(r=16, target_modules=targets)))
+
+
+def llama_8b() -> CausalLMModule:
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return CausalLMModule(get_peft_model(model, LoraConfig(r=32, target_modules="all-linear")))
+
+
+def main() -> None:
+    print(f"# long_context — {datetime.date.today()} — {platform.machine()}, torch {torch.__version__}; predictions")
+    batch = {"input_ids": torch.zeros(1, 512, dtype=torch.long), "labels": torch.zeros(1, 512, dtype=torch.long)}
+    rows = []
+    for name, build, kwargs, bits in (
+        ("Llama-3.2-1B LoRA r=16, bf16", llama_1b, {"precision": "bf16-true"}, 0),
+        ("Llama-3.1-8B QLoRA r=32 (NF4)", llama_8b, {"precision": "bf16-mixed"}, 4),
+    ):
+        module = build()
+        saved, transient = low_bit_saving(module, bits) if bits else (0, 0)
+        for card in CARDS:
+            cells = []
+            for chunked in (False, True):
+                started = time.perf_counter()
+                fit = longest_sequence(
+                    module, batch, card, step=512, saving=saved - transient, activation_checkpointing=True,
+                    chunked_cross_entropy=chunked, **kwargs,
+                )  # fmt: skip
+                cells.append(f"{fit.tokens:,}" if fit.tokens else "none")
+                print(f"  {name} {card} chunked={chunked}: {fit} [{time.perf_counter() - started:.0f} s]", flush=True)
+            peers = f"{UNSLOTH_8B[card]:,} / {HF_FA2_8B[card]}" if bits else "-"
+            rows.append(f"| {name} | {card} | {cells[0]} | {cells[1]} | {peers} |")
+    print("\n| model | card | before: whole logits | after: chunked CE | 8B published: Unsloth / HF+FA2 |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
