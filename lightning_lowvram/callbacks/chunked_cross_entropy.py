@@ -32,7 +32,7 @@ class ChunkedCrossEntropyCallback(Callback):
     metric from the logits needs them, and then this callback cannot help.
 
     Args:
-        chunk_size: Tokens per chunk; ``None``: about 16 MiB of float32 logits a chunk (32 tokens at 128k).
+        chunk_size: Tokens per chunk; ``None``: about 32 MiB of float32 logits a chunk (65 tokens at 128k).
         backend: ``"auto"`` (Cut Cross-Entropy's kernel on CUDA where ``cut-cross-entropy`` is installed and the head
             is a plain ``nn.Linear`` — unverified on a GPU here —, else the chunked PyTorch path), ``"chunked"`` or
             ``"cce"``.
