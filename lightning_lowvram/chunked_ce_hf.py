@@ -103,6 +103,20 @@ def apply_chunked_cross_entropy(
     check_chunk_size(chunk_size)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    models = require_chunkable(module)
+    for model in models:
+        model._lowvram_chunked_ce = (chunk_size, backend)  # type: ignore[assignment]
+        model.forward = types.MethodType(_chunked_forward, model)  # type: ignore[method-assign]
+    return [type(m).__name__ for m in models]
+
+
+def require_chunkable(module: nn.Module) -> list[nn.Module]:
+    """The HF causal LMs in ``module`` if the chunked loss reproduces them all exactly (nothing is patched).
+
+    Raises:
+        ValueError: ``module`` holds none, or one is not reproduced exactly (named, with the reason).
+
+    """
     models = causal_lms(module)
     if not models:
         raise ValueError(
@@ -113,10 +127,7 @@ def apply_chunked_cross_entropy(
         reason = why_not_supported(model)
         if reason:
             raise ValueError(f"chunked cross-entropy: {reason}")
-    for model in models:
-        model._lowvram_chunked_ce = (chunk_size, backend)  # type: ignore[assignment]
-        model.forward = types.MethodType(_chunked_forward, model)  # type: ignore[method-assign]
-    return [type(m).__name__ for m in models]
+    return models
 
 
 def remove_chunked_cross_entropy(module: nn.Module) -> None:

@@ -298,11 +298,19 @@ def _check_strategy_keys(cfg: DictConfig) -> None:
 
 
 def _check_frozen_base(cfg: DictConfig, model: L.LightningModule, callbacks: dict[str, Any]) -> None:
-    """A low-bit base needs frozen layers: a model without them is named before training, not in the callback."""
+    """A low-bit base needs frozen layers, the chunked loss a HF causal LM: named before training, not at setup."""
+    from lightning_lowvram.callbacks.chunked_cross_entropy import ChunkedCrossEntropyCallback
     from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
+    from lightning_lowvram.chunked_ce_hf import require_chunkable
     from lightning_lowvram.lowbit import require_frozen_base
 
     for name, callback in callbacks.items():
+        if isinstance(callback, ChunkedCrossEntropyCallback):
+            try:
+                require_chunkable(model)
+            except ValueError as err:
+                group = name.partition(".")[0]
+                raise ConfigError(group, _choice(cfg, group), f"model={_choice(cfg, 'model')}: {err}") from err
         if isinstance(callback, LowBitBaseCallback):
             try:
                 require_frozen_base(model, callback.bits)
