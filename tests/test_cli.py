@@ -99,7 +99,7 @@ def test_overrides_reach_the_trainer_and_model(tmp_path):
         (["strategy=micro_batch", "strategy.micro_batch.count_fn=tokens"], "count_fn=tokens: must be a callable or"),
         (["strategy=chunked_ce"], r"strategy=.*DigitsMLP holds no Hugging Face \*ForCausal"),
         (["strategy=chunked_ce", "strategy.chunked_ce.chunk_size=0"], r"chunk_size=0: .*must be an integer >= 1"),
-        (["strategy=chunked_ce", "strategy.chunked_ce.backend=fast"], r"strategy.chunked_ce.backend=fast: must be one of .auto., .chunked., .cce., got .fast."),
+        (["strategy=chunked_ce", "strategy.chunked_ce.backend=fast"], r"backend=fast: must be one of .auto.,"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key_before_training(overrides, message):
