@@ -5,6 +5,15 @@ A checkpointed block keeps only its inputs during the forward pass and recompute
 activation bytes on a 4-block GPT), and each block's forward runs twice. Only the block's ``forward`` is replaced (an
 instance attribute), so parameter names and checkpoints are unchanged. BatchNorm running statistics are updated once
 per step, as without checkpointing: the recompute puts them back.
+
+With ``offload=True`` each checkpointed block's saved inputs (what checkpointing keeps: the block's input hidden
+states, and its other tensor arguments) move to host memory at the end of the block's forward and come back for its
+recomputation in backward ("offloaded gradient checkpointing", as torchtune, TRL and Unsloth do): the card keeps
+one block's activations at a time and nothing per block. On CUDA the copy out runs on a side stream into pinned
+memory (the compute stream does not wait for it) and the copy back waits for it — **unverified, no GPU has run it
+here**; there is no prefetch of the next block's inputs yet, so the copy back is not overlapped. On CPU (the emulated
+card) the host copies are made inside :func:`~lightning_lowvram.memory.host_memory`: the meter and the budget count
+only what the card would hold, and ``HostOffload.peak`` reports the host bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lightning_lowvram.memory.tracker import host_memory
 
 
 def repeated_blocks(model: nn.Module) -> list[str]:
@@ -42,8 +54,73 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     return names
 
 
-def checkpoint_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> list[str]:
+class HostOffload:
+    """Saved tensors kept in host memory between forward and backward (pinned, copied on a side stream on CUDA).
+
+    ``live`` and ``peak`` count the host bytes held (what a budget on the card does not see).
+
+    Example:
+        >>> offload = HostOffload()
+        >>> x = torch.ones(256, requires_grad=True)
+        >>> with offload.hooks():
+        ...     y = (x * x).sum()  # mul saves x: kept in host memory until backward
+        >>> offload.live
+        2048
+        >>> y.backward(); offload.peak, x.grad[0].item()
+        (2048, 2.0)
+
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self._streams: dict[torch.device, Any] = {}
+
+    def hooks(self) -> contextlib.AbstractContextManager[None]:
+        """While active, tensors autograd saves go to host memory (``saved_tensors_hooks``)."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if t.device.type == "cuda":  # unverified on a GPU
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            stream = self._streams.setdefault(t.device, torch.cuda.Stream(t.device))
+            stream.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(stream):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # the card's copy is freed once the copy out is done
+            event = torch.cuda.Event()
+            event.record(stream)
+            packed = (host, t.device, event)
+        else:
+            with host_memory():  # CPU: the emulated card's budget does not count the host copy
+                host = t.detach().clone()
+            packed = (host, None, None)
+        nbytes = t.numel() * t.element_size()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(host, self._release, nbytes)
+        return packed
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        host, device, event = packed
+        if device is None:
+            return host.clone()  # back on the (emulated) card, counted there
+        torch.cuda.current_stream(device).wait_event(event)
+        return host.to(device, non_blocking=True)
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+def host_offload(model: nn.Module) -> HostOffload | None:
+    """The :class:`HostOffload` of ``model``'s checkpointed blocks, if they offload their inputs."""
+    return model.__dict__.get("_lowvram_offload")
+
+
+def checkpoint_blocks(model: nn.Module, blocks: Sequence[str] | None = None, offload: bool = False) -> list[str]:
     """Checkpoint the named blocks (fnmatch patterns; ``None``: :func:`repeated_blocks`); return their names.
+
+    ``offload``: keep each block's saved inputs in host memory until its recomputation (see the module docstring).
 
     Raises:
         ValueError: If a pattern matches no module, or no block is found.
@@ -68,8 +145,9 @@ def checkpoint_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> 
         raise ValueError(
             f"activation checkpointing found no repeated blocks in {type(model).__name__}: name them, e.g. ['layers.*']"
         )
+    mover = model.__dict__.setdefault("_lowvram_offload", HostOffload()) if offload else None
     for name in names:
-        _wrap(modules[name])
+        _wrap(modules[name], mover)
     _cache_off(model)
     return names
 
@@ -110,9 +188,10 @@ def uncheckpoint_blocks(model: nn.Module) -> None:
             module.__dict__.pop("forward", None)
     for config in model.__dict__.pop("_lowvram_use_cache", []):
         config.use_cache = True
+    model.__dict__.pop("_lowvram_offload", None)
 
 
-def _wrap(block: nn.Module) -> None:
+def _wrap(block: nn.Module, offload: HostOffload | None = None) -> None:
     if block.__dict__.get("_lowvram_checkpointed"):
         return
     forward = block.forward
@@ -125,7 +204,9 @@ def _wrap(block: nn.Module) -> None:
     @functools.wraps(forward)
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+            # checkpoint saves the block's inputs before entering its own hooks: ours see exactly those
+            with offload.hooks() if offload else contextlib.nullcontext():
+                return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return forward(*args, **kwargs)
 
     block.__dict__["forward"] = checkpointed

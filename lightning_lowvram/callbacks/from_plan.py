@@ -30,7 +30,7 @@ def plan_callbacks(plan: Plan) -> list[Any]:
     if plan.chosen.micro_batch_size < plan.batch_size:
         out.append(AutoMicroBatchCallback(micro_batch_size=plan.chosen.micro_batch_size))
     if plan.chosen.activation_checkpointing:
-        out.append(ActivationCheckpointingCallback())
+        out.append(ActivationCheckpointingCallback(offload=plan.chosen.offload_activations))
     if plan.chosen.optimizer_8bit:
         out.append(EightBitOptimizerCallback())
     if plan.chosen.base_bits:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from lightning_lowvram.batching import batch_size_of, slice_batch
-from lightning_lowvram.checkpointing import checkpoint_blocks
+from lightning_lowvram.checkpointing import checkpoint_blocks, host_offload
 from lightning_lowvram.chunked_ce_hf import apply_chunked_cross_entropy
 from lightning_lowvram.memory.meter import MemoryMeter
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
@@ -66,6 +66,8 @@ class MemoryEstimate:
             :meth:`step_time`.
         devices: Ranks of the step (``peak`` is one rank's).
         host: Bytes one rank keeps in host memory instead (offload), not in ``peak``.
+        offloaded_activations: The part of ``host`` that is checkpointed blocks' saved inputs (``offload_activations``):
+            copied to the host in forward and back in backward.
 
     """
 
@@ -79,6 +81,7 @@ class MemoryEstimate:
     work: StepWork | None = dataclasses.field(default=None, repr=False, compare=False)
     devices: int = 1
     host: int = 0
+    offloaded_activations: int = 0  # of ``host``: checkpointed blocks' inputs kept in host memory (copied out and in)
 
     def fits(self, budget: int, margin: float = 0.1) -> bool:
         """Whether the peak stays below ``budget`` with a ``margin`` (fraction of the budget) to spare."""
@@ -110,6 +113,7 @@ def estimate_step_memory(
     activation_checkpointing: bool = False,
     optimizer_8bit: bool = False,
     chunked_cross_entropy: bool = False,
+    offload_activations: bool = False,
     gpu: str | GPUProfile | None = None,
     device: Literal["cpu", "cuda"] | None = None,
     devices: int = 1,
@@ -131,6 +135,8 @@ def estimate_step_memory(
             traced float32 moments are replaced by torchao's layout, byte for byte (tested against torchao on CPU).
         chunked_cross_entropy: A Hugging Face causal LM's head and loss in chunks (as ChunkedCrossEntropyCallback
             does), traced: the chunked loss runs on the fake copy.
+        offload_activations: With ``activation_checkpointing``, the checkpointed blocks' saved inputs in host memory
+            (``ActivationCheckpointingCallback(offload=True)``), traced: their bytes are in ``host``, not ``peak``.
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
             ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
@@ -156,6 +162,11 @@ def estimate_step_memory(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    if offload_activations and not activation_checkpointing:
+        raise ValueError(
+            "offload_activations=True moves checkpointed blocks' inputs to host memory: it needs "
+            "activation_checkpointing=True (ActivationCheckpointingCallback(offload=True))"
+        )
     spec = shard_spec(devices, sharding, offload)
     profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
     cuda = device == "cuda" or (device is None and profile is not None and profile.memory_gib is not None)
@@ -168,15 +179,15 @@ def estimate_step_memory(
     micro = min(micro_batch_size or n, n)
     split = micro < n  # later micro-batches of a step run with the step's gradients already there
 
-    strategies = (activation_checkpointing, chunked_cross_entropy)
+    strategies = (activation_checkpointing, chunked_cross_entropy, offload_activations)
     step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, strategies, capability, spec)
     try:
-        per_phase, work, state = _run(*step, fake=True)
+        per_phase, work, state, moved = _run(*step, fake=True)
         method = "fake"
     except _UNTRACEABLE as err:
         # an op fake tensors cannot run (data-dependent shapes...): measure the same step for real on this machine
         _real_run_instead(module, err)
-        per_phase, work, state = _run(*step, fake=False)
+        per_phase, work, state, moved = _run(*step, fake=False)
         method = "measured"
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
     device_phases, host = offloaded(per_phase, spec.offload if spec else "none", *state)
@@ -194,7 +205,8 @@ def estimate_step_memory(
         method=method,
         work=work,
         devices=spec.devices if spec else 1,
-        host=host,
+        host=host + moved,
+        offloaded_activations=moved,
     )
     return with_8bit_optimizer(estimate, module, optimizer) if optimizer_8bit else estimate
 
@@ -361,21 +373,21 @@ def _run(
     accumulating: bool,
     precision: str,
     optimizer: Any,
-    strategies: tuple[bool, bool],
+    strategies: tuple[bool, bool, bool],
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
-) -> tuple[dict[str, Any], StepWork, tuple[int, int, int]]:
+) -> tuple[dict[str, Any], StepWork, tuple[int, int, int], int]:
     """Two optimizer steps of a copy of ``module``, metered per phase; the second's work counted.
 
-    Returns the meter's stats at each phase's peak, the work, and one rank's parameter and gradient bytes and its
-    largest trainable parameter's.
+    Returns the meter's stats at each phase's peak, the work, one rank's parameter and gradient bytes and its
+    largest trainable parameter's, and the peak host bytes of offloaded activations.
 
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
 
-    ``strategies``: activation checkpointing, chunked cross-entropy. ``capability``: the CUDA card's compute
-    capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
+    ``strategies``: activation checkpointing, chunked cross-entropy, activation offload. ``capability``: the CUDA
+    card's compute capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
     an FSDP2 job over a fake process group.
     """
     cuda = capability is not None
@@ -383,9 +395,9 @@ def _run(
     copied = _detached_copy(module, mode)
     if precision == "bf16-true":
         to_dtype(copied, torch.bfloat16)
-    activation_checkpointing, chunked_cross_entropy = strategies
+    activation_checkpointing, chunked_cross_entropy, offload_activations = strategies
     if activation_checkpointing:
-        checkpoint_blocks(copied)
+        checkpoint_blocks(copied, offload=offload_activations)
     if chunked_cross_entropy:
         apply_chunked_cross_entropy(copied)
     copied.train()
@@ -456,7 +468,8 @@ def _run(
         params = sum(t.numel() * t.element_size() for t, _ in local)
         grads = sum(t.numel() * t.element_size() for t, trained in local if trained)
         largest = max((t.numel() * t.element_size() for t, trained in local if trained), default=0)
-    return per_phase, StepWork(micro, updates), (params, grads, largest)
+    offload = host_offload(copied)
+    return per_phase, StepWork(micro, updates), (params, grads, largest), offload.peak if offload else 0
 
 
 def _backward(loss: torch.Tensor) -> None:

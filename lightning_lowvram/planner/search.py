@@ -58,6 +58,7 @@ class Candidate:
     sharding: str = "none"  # "none" (one card, or DDP), "full" / "grad_op" (FSDP2Strategy's reshard_after_forward)
     offload: str = "none"  # "params": FSDP2's CPU offload (FSDP2Strategy(cpu_offload=True))
     chunked_ce: bool = False  # a HF causal LM's head and loss in chunks (ChunkedCrossEntropyCallback)
+    offload_activations: bool = False  # checkpointed blocks' inputs in host memory (ActivationCheckpointingCallback)
 
     @property
     def int8_base(self) -> bool:
@@ -80,6 +81,7 @@ class Candidate:
         parts += ["8-bit optimizer"] if self.optimizer_8bit else []
         parts += [{8: "int8 frozen base", 4: "NF4 frozen base"}[self.base_bits]] if self.base_bits else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
+        parts += ["activations offloaded"] if self.offload_activations else []
         parts += ["chunked CE"] if self.chunked_ce else []
         return ", ".join(parts)
 
@@ -170,6 +172,8 @@ class Plan:
         nodes += ["lowvram_low_bit_base"] if self.chosen.base_bits else []
         nodes += ["lowvram_chunked_cross_entropy"] if self.chosen.chunked_ce else []
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
+        if self.chosen.offload_activations:
+            out += ["callbacks.lowvram_activation_checkpointing.offload=true"]
         if "lowvram_auto_micro_batch" in nodes:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
         if self.chosen.base_bits:
@@ -189,6 +193,7 @@ def tensor_peak(candidate: Candidate) -> int:
 
 
 Layout = tuple[str, str]  # (sharding, offload)
+Ckpt = bool | str  # activation checkpointing: False, True, or "offload" (with the blocks' inputs in host memory)
 
 
 def plan(
@@ -315,12 +320,17 @@ def _search_layout(
     candidate is skipped.
     """
     n = search.n
-    checkpointing = [False, True] if _has_blocks(search.module) else [False]
     unsharded = layout[0] == "none"
+    checkpointing: list[Ckpt] = [False, True] if _has_blocks(search.module) else [False]
+    if checkpointing[-1] and unsharded and search.profile.pcie_gbs is not None:
+        checkpointing.append("offload")  # the checkpointed blocks' inputs in host memory, when nothing else fits
     eight_bit = [False, True] if unsharded and adam_optimizer(search.module) is not None else [False]
     base_bits = [0, *search.savings] if unsharded else [0]
     name = dataclasses.replace(candidates[0], devices=search.devices, sharding=layout[0], offload=layout[1]).layout
     for ckpt in checkpointing:  # without checkpointing first: it bounds what checkpointing could win
+        if ckpt == "offload" and any(c.fits for c in candidates):
+            skipped.append("activation offload (tried only when nothing fits on the card)")
+            continue
         for precision in precisions:
             if (ckpt or not unsharded) and _cannot_win(search, candidates, precision, n, layout):
                 skipped.append(", ".join(p for p in (name, precision, "checkpointing" if ckpt else "") if p))
@@ -338,7 +348,7 @@ def _rank(c: Candidate) -> tuple[float, int, int]:
     changes less of the user's setup wins the tie.
     """
     changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit + bool(c.base_bits)
-    changes += (c.sharding != "none") + (c.offload != "none") + c.chunked_ce
+    changes += (c.sharding != "none") + (c.offload != "none") + c.chunked_ce + c.offload_activations
     return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
 
 
@@ -368,14 +378,15 @@ class _Search:
         self.savings = savings  # bits -> (bytes a low-bit frozen base saves, the dequantization transient)
         self.devices = devices
         self.chunked = False  # trace with the chunked cross-entropy (every setting but the plain one, where it applies)
-        self.cache: dict[tuple[str, int, bool, Layout, bool], MemoryEstimate] = {}
+        self.cache: dict[tuple[str, int, Ckpt, Layout, bool], MemoryEstimate] = {}
 
-    def trace(self, precision: str, micro: int, ckpt: bool, layout: Layout) -> MemoryEstimate:
+    def trace(self, precision: str, micro: int, ckpt: Ckpt, layout: Layout) -> MemoryEstimate:
         key = (precision, micro, ckpt, layout, self.chunked)
         if key not in self.cache:
             self.cache[key] = estimate_step_memory(
                 self.module, self.batch, micro_batch_size=micro, precision=precision,
-                activation_checkpointing=ckpt, gpu=self.profile, devices=self.devices, sharding=layout[0],  # type: ignore[arg-type]
+                activation_checkpointing=bool(ckpt), offload_activations=ckpt == "offload", gpu=self.profile,
+                devices=self.devices, sharding=layout[0],  # type: ignore[arg-type]
                 offload=layout[1], chunked_cross_entropy=self.chunked,  # type: ignore[arg-type]
             )  # fmt: skip
         return self.cache[key]
@@ -388,10 +399,11 @@ class _Search:
     @staticmethod
     def key(c: Candidate) -> tuple[str, int, bool, bool, int, Layout]:
         layout = (c.sharding, c.offload)
-        return c.precision, c.micro_batch_size, c.activation_checkpointing, c.optimizer_8bit, c.base_bits, layout
+        ckpt: Ckpt = "offload" if c.offload_activations else c.activation_checkpointing
+        return c.precision, c.micro_batch_size, ckpt, c.optimizer_8bit, c.base_bits, layout
 
     def _candidate(
-        self, precision: str, micro: int, ckpt: bool, optim8: bool, base_bits: int, layout: Layout,
+        self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base_bits: int, layout: Layout,
         estimate: MemoryEstimate, seconds: float, traced: bool,
     ) -> Candidate:  # fmt: skip
         if optim8:
@@ -403,17 +415,26 @@ class _Search:
             estimate = dataclasses.replace(estimate, peak=estimate.peak - saved + transient, by_category=by_category)
         fits = estimate.peak - estimate.allowance <= self.budget
         return Candidate(
-            precision, micro, ckpt, optim8, base_bits, estimate, fits, seconds, traced, self.devices, *layout,
-            chunked_ce=self.chunked,
+            precision, micro, bool(ckpt), optim8, base_bits, estimate, fits, seconds, traced, self.devices, *layout,
+            chunked_ce=self.chunked, offload_activations=ckpt == "offload",
         )  # fmt: skip
 
-    def traced(self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int, layout: Layout) -> Candidate:
+    def copies(self, offloaded: float) -> float:
+        """Seconds of one micro-batch's activation offload: out in forward, back in backward, at PCIe peak.
+
+        No overlap with compute is assumed, so offload errs slow (unmeasured on a GPU).
+        """
+        return 2 * offloaded / (self.profile.pcie_gbs * 1e9) if offloaded else 0.0
+
+    def traced(self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base8: int, layout: Layout) -> Candidate:
         estimate = self.trace(precision, micro, ckpt, layout)
-        seconds = estimate.work.seconds(self.profile, math.ceil(self.n / micro), self.traffic(precision, layout))
+        steps = math.ceil(self.n / micro)
+        seconds = estimate.work.seconds(self.profile, steps, self.traffic(precision, layout))
+        seconds += steps * self.copies(estimate.offloaded_activations)
         return self._candidate(precision, micro, ckpt, optim8, base8, layout, estimate, seconds, True)
 
     def extrapolated(
-        self, precision: str, micro: int, ckpt: bool, optim8: bool, base8: int, layout: Layout
+        self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base8: int, layout: Layout
     ) -> Candidate:
         if (precision, micro, ckpt, layout, self.chunked) in self.cache or micro <= 2:
             return self.traced(precision, micro, ckpt, optim8, base8, layout)
@@ -432,13 +453,16 @@ class _Search:
         extra = peak - sum(by_category.values())
         for k in growing:
             by_category[k] = by_category.get(k, 0) + int(extra * (by_category.get(k, 0) / share if share else 1.0))
+        moved = line(one.offloaded_activations, two.offloaded_activations)  # offloaded inputs grow with the batch too
         estimate = dataclasses.replace(
-            two, peak=peak + two.allowance, by_phase=by_phase, by_category=by_category, work=None, method="extrapolated"
-        )
+            two, peak=peak + two.allowance, by_phase=by_phase, by_category=by_category, work=None,
+            method="extrapolated", host=two.host - two.offloaded_activations + moved, offloaded_activations=moved,
+        )  # fmt: skip
         traffic = self.traffic(precision, layout)
         per_micro = [e.work.seconds(self.profile, 1, traffic) - e.work.seconds(self.profile, 0, traffic)
                      for e in (one, two)]  # fmt: skip
         micro_seconds = per_micro[0] + (per_micro[1] - per_micro[0]) * grow
+        micro_seconds += self.copies(moved)
         seconds = math.ceil(self.n / micro) * micro_seconds + two.work.seconds(self.profile, 0, traffic)
         return self._candidate(precision, micro, ckpt, optim8, base8, layout, estimate, seconds, False)
 
