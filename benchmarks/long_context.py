@@ -4,8 +4,10 @@ Llama-3.2-1B's shape (vocabulary 128256, tied embeddings), peft LoRA r=16 on all
 (``bf16-true``), batch 1, activation checkpointing; and Llama-3.1-8B's shape, QLoRA (NF4 frozen base modelled as
 ``LowBitBaseCallback(bits=4)`` stores it, r=32 on all linear layers, bf16-mixed compute), batch 1, checkpointing.
 Both built on the meta device (no weights in RAM). "before": the landed head and loss (whole float32 logits);
-"after": ChunkedCrossEntropyCallback. Predictions of ``planner.context.longest_sequence`` (multiples of 512 tokens,
-margin 10 %); nothing here ran on a GPU. Unsloth's and HF+FA2's numbers are as published (ANCHORS.md), not measured.
+"chunked CE": ChunkedCrossEntropyCallback; "+ offload": and ActivationCheckpointingCallback(offload=True) (the
+checkpointed blocks' inputs in host memory). Predictions of ``planner.context.longest_sequence`` (multiples of 1024
+tokens, margin 10 %); nothing here ran on a GPU. Unsloth's and HF+FA2's numbers are as published (ANCHORS.md),
+not measured.
 
     python -m benchmarks.long_context
 """
@@ -69,7 +71,7 @@ def llama_8b() -> CausalLMModule:
 
 def main() -> None:
     print(f"# long_context — {datetime.date.today()} — {platform.machine()}, torch {torch.__version__}; predictions")
-    batch = {"input_ids": torch.zeros(1, 512, dtype=torch.long), "labels": torch.zeros(1, 512, dtype=torch.long)}
+    batch = {"input_ids": torch.zeros(1, 1024, dtype=torch.long), "labels": torch.zeros(1, 1024, dtype=torch.long)}
     rows = []
     for name, build, kwargs, bits in (
         ("Llama-3.2-1B LoRA r=16, bf16", llama_1b, {"precision": "bf16-true"}, 0),
@@ -79,18 +81,21 @@ def main() -> None:
         saved, transient = low_bit_saving(module, bits) if bits else (0, 0)
         for card in CARDS:
             cells = []
-            for chunked in (False, True):
+            for chunked, offload in ((False, False), (True, False), (True, True)):
                 started = time.perf_counter()
                 fit = longest_sequence(
-                    module, batch, card, step=512, saving=saved - transient, activation_checkpointing=True,
-                    chunked_cross_entropy=chunked, **kwargs,
+                    module, batch, card, step=1024, saving=saved - transient, activation_checkpointing=True,
+                    chunked_cross_entropy=chunked, offload_activations=offload, **kwargs,
                 )  # fmt: skip
-                cells.append(f"{fit.tokens:,}" if fit.tokens else "none")
-                print(f"  {name} {card} chunked={chunked}: {fit} [{time.perf_counter() - started:.0f} s]", flush=True)
+                host = f", {fit.estimate.host / 2**30:.2f} GiB host" if fit.estimate and fit.estimate.host else ""
+                cells.append((f"{fit.tokens:,}" if fit.tokens else "none") + host)
+                print(f"  {name} {card}: {fit} [{time.perf_counter() - started:.0f} s]", flush=True)
             peers = f"{UNSLOTH_8B[card]:,} / {HF_FA2_8B[card]}" if bits else "-"
-            rows.append(f"| {name} | {card} | {cells[0]} | {cells[1]} | {peers} |")
-    print("\n| model | card | before: whole logits | after: chunked CE | 8B published: Unsloth / HF+FA2 |")
-    print("|---|---|---|---|---|")
+            rows.append(f"| {name} | {card} | {' | '.join(cells)} | {peers} |")
+    header = "| model | card | before: whole logits | chunked CE | chunked CE + offload "
+    header += "| 8B published: Unsloth / HF+FA2 |"
+    print("\n" + header)
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
