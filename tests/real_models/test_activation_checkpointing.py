@@ -55,6 +55,7 @@ def _long_batches():
     return DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=None)
 
 
+@pytest.mark.slow  # three Lightning fits of a 24-block model at 1024 tokens
 def test_offloaded_inputs_are_host_bytes_the_emulated_card_never_holds():
     """Under a budget between the two estimates the checkpointed fit runs out of memory; with its blocks' inputs in
     host memory it trains with the plain run's losses, and the estimate reports those bytes as host memory."""

@@ -112,6 +112,7 @@ def _long_batches():
     return DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=None)
 
 
+@pytest.mark.slow  # six Lightning steps at 2048 tokens and a 32000 vocabulary
 def test_the_step_peak_is_under_a_quarter_of_the_plain_step_where_the_logits_dominate():
     """The meter on real Lightning fits (3 steps, 2048 tokens, vocabulary 32000); the estimate traces the same."""
     peaks = {}
@@ -172,6 +173,7 @@ class _Losses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+@pytest.mark.slow  # a plan and three Lightning fits at 2048 tokens
 @pytest.mark.usefixtures("no_cublas_workspace")
 def test_the_plan_picks_the_chunked_loss_and_runs_where_the_plain_step_does_not_fit():
     """Scaled down (2048 tokens, vocabulary 32000): the plan's setting trains under the emulated card, losses equal."""
