@@ -166,10 +166,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             reason = f"strategy={cfg.strategy.name} sets the Trainer's strategy; drop trainer.strategy"
             raise ConfigError("trainer.strategy", cfg.trainer.strategy, reason)
         trainer_kwargs["strategy"] = _instantiate(node, f"strategy.{TRAINER_STRATEGY}")
-    chosen = None
+    chosen = context = None
     auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
     if cfg.command == "plan" or auto:
         chosen = _plan(cfg, model, batch, profile)
+        context = _max_context(cfg, model, batch, profile) if cfg.command == "plan" and cfg.max_context else None
         if cfg.command == "fit":
             if chosen.chosen is None:
                 raise NothingFits(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
@@ -200,7 +201,25 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "callbacks": callbacks,
         "trainer": trainer,
         "plan": chosen,
+        "context": context,
     }
+
+
+def _max_context(cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile) -> list[str]:
+    """The longest sequence and the largest batch that fit the card with the smallest settings, as report lines."""
+    from lightning_lowvram.planner.context import frugal_settings, longest_sequence
+
+    settings = frugal_settings(model, profile)
+    margin = cfg.strategy.get("margin", 0.1)
+    try:
+        tokens = longest_sequence(model, batch, profile, margin=margin, **settings)
+        samples = longest_sequence(model, batch, profile, margin=margin, dim=0, step=1, **settings)
+    except ValueError as err:
+        raise ConfigError("max_context", cfg.max_context, str(err).splitlines()[0]) from err
+    return [
+        f"longest sequence that fits {profile.name} ({tokens.setting}, batch as given): {tokens.tokens} tokens",
+        f"largest batch at the example's sequence: {samples.tokens} samples",
+    ]
 
 
 def _plan(cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile) -> Any:
@@ -235,7 +254,7 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError("command", cfg.command, f"unknown; allowed: {', '.join(COMMANDS)}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError("seed", cfg.seed, "must be an integer")
-    for key in ("emulate_gpu", "test_after_fit"):
+    for key in ("emulate_gpu", "test_after_fit", "max_context"):
         if not isinstance(cfg.get(key), bool):
             raise ConfigError(key, cfg.get(key), "must be true or false")
     ckpt = cfg.get("ckpt_path")
@@ -366,7 +385,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.command`` (``fit`` or ``plan``) and return the summary as a dict (also printed)."""
     parts = build(cfg)
     if cfg.command == "plan":
-        return _print_plan(parts["plan"])
+        for line in parts["context"] or []:
+            print(line)
+        return {**_print_plan(parts["plan"]), "max_context": parts["context"]}
     trainer, model, data = parts["trainer"], parts["model"], parts["data"]
     if isinstance(data, L.LightningDataModule):
         # datasets live in host memory: build them before an emulated device budget starts counting

@@ -97,3 +97,35 @@ def seeded_fit(model: L.LightningModule, data: L.LightningDataModule, callbacks=
     trainer = quiet_trainer(callbacks=list(callbacks), **{"max_steps": 3, "limit_val_batches": 0, **kwargs})
     trainer.fit(model, datamodule=data)
     return trainer
+
+
+class TinyCausalLM(L.LightningModule):
+    """A user's module around a tiny random-init HF Llama (vocabulary 32000), for `lowvram plan max_context=true`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=65536,
+        )  # fmt: skip
+        self.model = LlamaForCausalLM(config)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class TokenData(L.LightningDataModule):
+    """Two rows of 256 token ids, labels = inputs (a causal LM's data)."""
+
+    def train_dataloader(self):
+        ids = torch.randint(0, 32000, (2, 256), generator=torch.Generator().manual_seed(0))
+        rows = [{"input_ids": row, "labels": row} for row in ids]
+        return torch.utils.data.DataLoader(rows, batch_size=2)

@@ -451,3 +451,32 @@ def test_the_summary_is_printed_once_with_the_run_directory_and_checkpoints_and_
     assert ckpt.startswith(run_dir) and Path(ckpt).is_file()
     for noise in ("GPU available", "Tip:", "Seed set", "tensorboardX", "Test metric"):
         assert noise not in out + err
+
+
+@pytest.mark.slow  # a plan and two searches of a few traces each
+def test_plan_with_max_context_reports_the_longest_sequence_and_largest_batch(tmp_path, capsys):
+    """`lowvram plan max_context=true` on a user's HF causal LM: the lines name the card, the settings, the answer."""
+    summary = run(
+        _cfg(
+            "command=plan",
+            "max_context=true",
+            "model._target_=tests.helpers.TinyCausalLM",
+            "data._target_=tests.helpers.TokenData",
+            "gpu=rtx3060_12gb",
+            "gpu.memory_gib=0.5",
+            "gpu.context_mib=0",
+            f"trainer.default_root_dir={tmp_path}",
+        )  # fmt: skip
+    )
+    sequence, batch = summary["max_context"]
+    settings = "bf16-mixed, activation checkpointing, offload activations, chunked cross entropy"
+    assert sequence.startswith(f"longest sequence that fits rtx3060_12gb ({settings}, batch as given): ")
+    tokens = int(sequence.rsplit(": ", 1)[1].split()[0])
+    assert tokens >= 2048 and tokens % 256 == 0
+    assert int(batch.rsplit(": ", 1)[1].split()[0]) >= 2
+    assert sequence in capsys.readouterr().out
+
+
+def test_max_context_must_be_true_or_false():
+    with pytest.raises(ConfigError, match="max_context=maybe: must be true or false"):
+        build(_cfg("command=plan", "max_context=maybe"))

@@ -37,8 +37,10 @@ class ContextFit:
         return f"{self.tokens} tokens ({self.setting}): tensor peak {format_bytes(peak)} of {format_bytes(self.budget)}"
 
 
-def with_sequence(batch: Any, length: int, example: int | None = None) -> Any:
-    """``batch`` with its sequence dimension (dim 1 of every tensor as long as ``example``) stretched to ``length``.
+def with_sequence(batch: Any, length: int, example: int | None = None, dim: int = 1) -> Any:
+    """``batch`` with its sequence dimension (``dim`` of every tensor as long as ``example``) stretched to ``length``.
+
+    ``dim=0`` stretches the batch dimension instead (every tensor's first dimension).
 
     Example:
         >>> b = with_sequence({"input_ids": torch.ones(2, 8, dtype=torch.long), "labels": torch.ones(2)}, 20)
@@ -46,24 +48,23 @@ def with_sequence(batch: Any, length: int, example: int | None = None) -> Any:
         (torch.Size([2, 20]), torch.Size([2]))
 
     """
-    example = example or _sequence_length(batch)
+    example = example or _sequence_length(batch, dim)
 
     def stretch(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[1] != example:
+        if not isinstance(t, torch.Tensor) or t.dim() <= dim or t.shape[dim] != example:
             return t
         reps = [1] * t.dim()
-        reps[1] = -(-length // example)
-        return t.repeat(*reps)[:, :length].contiguous()
+        reps[dim] = -(-length // example)
+        return t.repeat(*reps).narrow(dim, 0, length).contiguous()
 
     return torch.utils._pytree.tree_map(stretch, batch)
 
 
-def _sequence_length(batch: Any) -> int:
-    lengths = [
-        t.shape[1] for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() >= 2
-    ]
+def _sequence_length(batch: Any, dim: int = 1) -> int:
+    leaves = torch.utils._pytree.tree_leaves(batch)
+    lengths = [t.shape[dim] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > dim]
     if not lengths:
-        raise ValueError("batch: no tensor with a sequence dimension (dim 1) to stretch")
+        raise ValueError(f"batch: no tensor with a {'sequence' if dim else 'batch'} dimension (dim {dim}) to stretch")
     return max(lengths)
 
 
@@ -76,6 +77,7 @@ def longest_sequence(
     step: int = 256,
     max_tokens: int = 2**20,
     saving: int = 0,
+    dim: int = 1,
     **estimate_kwargs: Any,
 ) -> ContextFit:
     """The longest sequence (a multiple of ``step``) whose step fits ``gpu`` with ``margin``, at these settings.
@@ -88,6 +90,7 @@ def longest_sequence(
         step: Granularity of the answer, in tokens.
         max_tokens: Search no further.
         saving: Bytes taken off every estimate (a low-bit frozen base modelled apart: ``lowbit.low_bit_saving``).
+        dim: 1: stretch the sequence; 0: the batch (the largest batch at the example's sequence, ``step`` samples).
         **estimate_kwargs: Settings for :func:`estimate_step_memory` (precision, activation_checkpointing,
             chunked_cross_entropy, optimizer_8bit, micro_batch_size...).
 
@@ -103,14 +106,15 @@ def longest_sequence(
     if step < 1:
         raise ValueError(f"step must be >= 1 token, got {step!r}")
     budget = int(profile.usable_bytes * (1.0 - margin))
-    example = _sequence_length(batch)
+    example = _sequence_length(batch, dim)
     setting = ", ".join(k.replace("_", " ") if v is True else f"{v}" for k, v in estimate_kwargs.items() if v)
 
     def peak(tokens: int) -> tuple[int, MemoryEstimate]:
-        estimate = estimate_step_memory(module, with_sequence(batch, tokens, example), gpu=profile, **estimate_kwargs)
+        stretched = with_sequence(batch, tokens, example, dim)
+        estimate = estimate_step_memory(module, stretched, gpu=profile, **estimate_kwargs)
         return estimate.peak - estimate.allowance - saving, estimate
 
-    lengths = [step * 4, step * 8, step * 16]
+    lengths = [step, step * 2, step * 4] if dim == 0 else [step * 4, step * 8, step * 16]
     peaks = [peak(n)[0] for n in lengths]
     guess = _solve(lengths, peaks, budget)
     tokens = min(max_tokens, max(step, int(guess) // step * step))
@@ -135,6 +139,25 @@ def longest_sequence(
         lo, hi = (middle, hi) if fit(middle) else (lo, middle)
     best = (lo, fits.get(lo)) if lo > 0 else (0, None)
     return ContextFit(best[0], best[1], budget, setting or "as given")
+
+
+def frugal_settings(module: nn.Module, profile: GPUProfile) -> dict[str, Any]:
+    """The settings that keep a step smallest, of those ``module`` and the card allow (for a "max context" report).
+
+    Mixed precision (bf16 where the card has it), activation checkpointing (repeated blocks), their inputs offloaded
+    (a card with ``pcie_gbs``) and the chunked cross-entropy (a HF causal LM it reproduces).
+    """
+    from lightning_lowvram.checkpointing import repeated_blocks
+    from lightning_lowvram.chunked_ce_hf import causal_lms, why_not_supported
+
+    blocks = bool(repeated_blocks(module))
+    models = causal_lms(module)
+    return {
+        "precision": "bf16-mixed" if profile.bf16 else "16-mixed",
+        "activation_checkpointing": blocks,
+        "offload_activations": blocks and profile.pcie_gbs is not None,
+        "chunked_cross_entropy": bool(models) and not any(why_not_supported(m) for m in models),
+    }
 
 
 def _solve(lengths: list[int], peaks: list[int], budget: int) -> float:
