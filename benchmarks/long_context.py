@@ -1,8 +1,9 @@
 """Longest context that fits a card for LoRA / QLoRA fine-tuning, predicted (issue 23's showcase).
 
 Llama-3.2-1B's shape (vocabulary 128256, tied embeddings), peft LoRA r=16 on all seven projections, bf16 weights
-(``bf16-true``), batch 1, activation checkpointing; and Llama-3.1-8B's shape, QLoRA (NF4 frozen base modelled as
-``LowBitBaseCallback(bits=4)`` stores it, r=32 on all linear layers, bf16-mixed compute), batch 1, checkpointing.
+(``bf16-true``), batch 1, activation checkpointing; and Llama-3.1-8B's shape loaded in bf16, QLoRA (NF4 frozen base
+modelled as ``LowBitBaseCallback(bits=4)`` stores it, r=32 on all linear layers, adapters float32 as peft keeps them,
+bf16-mixed compute), batch 1, checkpointing.
 Both built on the meta device (no weights in RAM). "before": the landed head and loss (whole float32 logits);
 "chunked CE": ChunkedCrossEntropyCallback; "+ offload": and ActivationCheckpointingCallback(offload=True) (the
 checkpointed blocks' inputs in host memory). Predictions of ``planner.context.longest_sequence`` (multiples of 1024
@@ -65,11 +66,11 @@ def llama_8b() -> CausalLMModule:
         num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
     )  # fmt: skip
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # as QLoRA users load it (torch_dtype=torch.bfloat16)
     return CausalLMModule(get_peft_model(model, LoraConfig(r=32, target_modules="all-linear")))
 
 
-def main() -> None:
+def main(only: str | None = None) -> None:
     print(f"# long_context — {datetime.date.today()} — {platform.machine()}, torch {torch.__version__}; predictions")
     batch = {"input_ids": torch.zeros(1, 1024, dtype=torch.long), "labels": torch.zeros(1, 1024, dtype=torch.long)}
     rows = []
@@ -77,6 +78,8 @@ def main() -> None:
         ("Llama-3.2-1B LoRA r=16, bf16", llama_1b, {"precision": "bf16-true"}, 0),
         ("Llama-3.1-8B QLoRA r=32 (NF4)", llama_8b, {"precision": "bf16-mixed"}, 4),
     ):
+        if only and only not in name:
+            continue
         module = build()
         saved, transient = low_bit_saving(module, bits) if bits else (0, 0)
         for card in CARDS:
@@ -100,4 +103,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1] if len(sys.argv) > 1 else None)  # e.g. `8B`: that model's rows only
