@@ -28,12 +28,13 @@ class ContextFit:
     estimate: MemoryEstimate | None
     budget: int
     setting: str
+    saving: int = 0  # bytes taken off the estimate (a low-bit base modelled apart)
 
     def __str__(self) -> str:
         if not self.tokens:
             return f"no sequence of {self.setting} fits {format_bytes(self.budget)}"
         assert self.estimate is not None
-        peak = self.estimate.peak - self.estimate.allowance
+        peak = self.estimate.peak - self.estimate.allowance - self.saving
         return f"{self.tokens} tokens ({self.setting}): tensor peak {format_bytes(peak)} of {format_bytes(self.budget)}"
 
 
@@ -138,7 +139,7 @@ def longest_sequence(
         middle = (lo + hi) // 2 // step * step
         lo, hi = (middle, hi) if fit(middle) else (lo, middle)
     best = (lo, fits.get(lo)) if lo > 0 else (0, None)
-    return ContextFit(best[0], best[1], budget, setting or "as given")
+    return ContextFit(best[0], best[1], budget, setting or "as given", saving)
 
 
 def frugal_settings(module: nn.Module, profile: GPUProfile) -> dict[str, Any]:
