@@ -192,9 +192,27 @@ def _loss(
                     reduction="sum")  # fmt: skip
         return total / (num_items if num_items is not None else (flat != ignore_index).sum()), "cce"
     params = [p for p in head.parameters() if p.requires_grad]
-    loss = head_cross_entropy(hidden, head, params, targets, ignore_index=ignore_index, softcap=softcap,
-                              num_items=num_items, chunk_size=chunk_size)  # fmt: skip
+    loss = head_cross_entropy(hidden, _once(head, hidden), params, targets, ignore_index=ignore_index,
+                              softcap=softcap, num_items=num_items, chunk_size=chunk_size)  # fmt: skip
     return loss, "chunked"
+
+
+def _once(head: nn.Module, hidden: torch.Tensor) -> Any:
+    """The head as the chunks call it: an NF4 head (LowBitBaseCallback) dequantized once for all chunks.
+
+    ``NF4Linear`` dequantizes its whole weight on every call (and again in backward); called once per chunk, that is
+    the weight's worth of work a chunk. Dequantized once here (the same values, in the same compute dtype, so the same
+    logits and input gradients), the chunks share it: the transient is the one a single call holds anyway.
+    """
+    from lightning_lowvram.lowbit import NF4Linear, nf4_dequantize
+
+    if type(head) is not NF4Linear:
+        return head
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    weight = nf4_dequantize(head.weight, dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return lambda h: F.linear(h.to(dtype), weight, bias)
 
 
 def _output(loss: torch.Tensor, outputs: Any) -> Any:

@@ -198,3 +198,21 @@ def test_the_plan_picks_the_chunked_loss_and_runs_where_the_plain_step_does_not_
     with pytest.raises(torch.OutOfMemoryError):
         fit([], budget=True)  # the plain step does not fit the emulated card
     assert fit(callbacks, budget=True) == pytest.approx(reference, rel=1e-5)
+
+
+def test_an_nf4_head_under_lowbitbase_gets_the_plain_nf4_loss_and_gradients():
+    """LowBitBaseCallback(bits=4) stores the frozen head in NF4: chunks share one dequantization, the same numbers."""
+    from lightning_lowvram.lowbit import NF4Linear, quantize_frozen_base
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
+    quantize_frozen_base(model, 4)
+    assert isinstance(model.get_output_embeddings(), NF4Linear)
+    batch = next(iter(hf_batches("llama")))
+    plain = _loss_and_grads(model, batch)
+    apply_chunked_cross_entropy(model, chunk_size=6)
+    _assert_exact(plain, _loss_and_grads(model, batch))
