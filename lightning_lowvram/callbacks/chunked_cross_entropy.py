@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -65,6 +67,14 @@ class ChunkedCrossEntropyCallback(Callback):
         if stage == "fit" and not is_chunked(pl_module):
             self.patched = apply_chunked_cross_entropy(pl_module, self.chunk_size, self.backend)
             rank_zero_info(f"ChunkedCrossEntropyCallback: {', '.join(self.patched)} compute their loss in chunks")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.backend == "cce" and (pl_module.device.type != "cuda" or find_spec("cut_cross_entropy") is None):
+            raise ValueError(
+                f"backend='cce' needs the model on CUDA (it is on {pl_module.device.type}) and `pip install "
+                "cut-cross-entropy`; backend='auto' falls back to the chunked PyTorch path"
+            )
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:

@@ -216,3 +216,12 @@ def test_an_nf4_head_under_lowbitbase_gets_the_plain_nf4_loss_and_gradients():
     plain = _loss_and_grads(model, batch)
     apply_chunked_cross_entropy(model, chunk_size=6)
     _assert_exact(plain, _loss_and_grads(model, batch))
+
+
+def test_the_cce_backend_without_cuda_is_refused_before_any_step():
+    model = causal_lm("llama")
+    before = copy.deepcopy(model.state_dict())
+    callback = ChunkedCrossEntropyCallback(backend="cce")
+    with pytest.raises(ValueError, match="backend='cce' needs the model on CUDA \\(it is on cpu\\)"):
+        quiet_trainer(max_steps=1, callbacks=[callback]).fit(HFModule(model), hf_batches("llama"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
