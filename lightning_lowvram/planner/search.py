@@ -9,6 +9,9 @@ extrapolated; the chosen candidate is then traced at its own size to confirm it 
 tried). The plain setup (the whole batch, float32) is traced as it is. 8-bit optimizer state (torchao, Adam/AdamW)
 and an int8 weight-only frozen base are modelled from the same traces: their bytes replace the float ones; their
 step time is the float one's (8-bit AdamW measured 1.00x on an H200, ANCHORS.md; the int8 base is not measured).
+For a Hugging Face causal LM whose head and loss it reproduces, every setting but the plain one is traced with the
+chunked cross-entropy (ChunkedCrossEntropyCallback); when nothing fits, checkpointing with the blocks' inputs in
+host memory is tried too (its PCIe copies charged at ``GPUProfile.pcie_gbs``, no overlap assumed).
 
 Across ``devices`` cards each setting is also tried under DDP, FSDP2 ``grad_op`` and FSDP2 ``full`` (least traffic
 first), and FSDP2 with CPU offload when nothing fits on the cards: peaks per rank (``estimate_step_memory`` with
