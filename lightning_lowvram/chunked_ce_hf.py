@@ -23,6 +23,7 @@ its fused kernel (CCE: the logits never leave on-chip memory) instead of the chu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import types
@@ -147,10 +148,14 @@ def last_backend(module: nn.Module) -> str | None:
     return next((m.__dict__["_lowvram_ce_ran"] for m in causal_lms(module) if "_lowvram_ce_ran" in m.__dict__), None)
 
 
+@functools.cache
+def _argument_names(forward: Any) -> tuple[str, ...]:
+    return tuple(p for p in inspect.signature(forward).parameters if p != "self")
+
+
 def _chunked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     original = type(self).forward
-    names = [p for p in inspect.signature(original).parameters if p != "self"]
-    kwargs.update(zip(names, args, strict=False))  # positional arguments by name, as the model's forward takes them
+    kwargs.update(zip(_argument_names(original), args, strict=False))  # positional arguments by name, as the model's forward takes them
     if kwargs.get("labels") is None or not self.training or not torch.is_grad_enabled() or kwargs.get("logits_to_keep"):
         return original(self, **kwargs)
     labels = kwargs.pop("labels")
