@@ -155,7 +155,7 @@ def _argument_names(forward: Any) -> tuple[str, ...]:
 
 def _chunked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     original = type(self).forward
-    kwargs.update(zip(_argument_names(original), args, strict=False))  # positional arguments by name, as the model's forward takes them
+    kwargs.update(zip(_argument_names(original), args, strict=False))  # positional arguments by name
     if kwargs.get("labels") is None or not self.training or not torch.is_grad_enabled() or kwargs.get("logits_to_keep"):
         return original(self, **kwargs)
     labels = kwargs.pop("labels")
