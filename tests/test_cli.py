@@ -118,8 +118,12 @@ def _options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-# a strategy that needs a model of a kind: the demo GPT with LoRA adapters for the low-bit base
-NEEDS = {"lora_4bit": ["model=tiny_gpt", "data=tiny_text", "+model.lora_rank=8", "+model.n_layer=1"]}
+# a strategy that needs a model of a kind: the demo GPT with LoRA adapters for the low-bit base, a HF causal LM for
+# the chunked cross-entropy
+NEEDS = {
+    "lora_4bit": ["model=tiny_gpt", "data=tiny_text", "+model.lora_rank=8", "+model.n_layer=1"],
+    "chunked_ce": ["model._target_=tests.helpers.TinyCausalLM", "data._target_=tests.helpers.TokenData"],  # HF LM
+}
 
 
 # every card with no strategy, every strategy on one card and on the machine's own (gpu and strategy are independent
