@@ -75,11 +75,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         hidden: torch.Tensor,
         targets: torch.Tensor,
         head: Callable[[torch.Tensor], torch.Tensor],
-        options: tuple[int, float | None, int, Any],
+        options: tuple[int, float | None, int, Any, bool],
         *params: torch.Tensor,
     ) -> torch.Tensor:
-        ignore_index, softcap, chunk_size, denominator = options
-        needs = [hidden.requires_grad, *(p.requires_grad for p in params)]
+        ignore_index, softcap, chunk_size, denominator, grad_enabled = options
+        # inside forward autograd is off: whether the caller's graph wants gradients was read before apply()
+        needs = [grad_enabled and t.requires_grad for t in (hidden, *params)]
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -147,7 +148,7 @@ def head_cross_entropy(
     if chunk_size is None:
         # not by calling the head: under autocast a cast made without grad would be cached and cut the gradient
         raise ValueError("chunk_size: give the tokens a chunk, e.g. default_chunk_size(vocab_size)")
-    options = (ignore_index, softcap, int(chunk_size), denominator)
+    options = (ignore_index, softcap, int(chunk_size), denominator, torch.is_grad_enabled())
     return _HeadCrossEntropy.apply(hidden2d, flat, head, options, *params)
 
 

@@ -111,6 +111,12 @@ def apply_chunked_cross_entropy(
     return [type(m).__name__ for m in models]
 
 
+def is_chunkable(module: nn.Module) -> bool:
+    """Whether ``module`` holds HF causal LMs and the chunked loss reproduces each of them exactly."""
+    models = causal_lms(module)
+    return bool(models) and not any(why_not_supported(m) for m in models)
+
+
 def require_chunkable(module: nn.Module) -> list[nn.Module]:
     """The HF causal LMs in ``module`` if the chunked loss reproduces them all exactly (nothing is patched).
 

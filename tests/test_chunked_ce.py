@@ -57,6 +57,15 @@ def test_frozen_head_gets_no_gradient_and_no_grad_computes_only_the_loss():
     assert _close(grad, torch.autograd.grad(F.cross_entropy(h @ w.T, y), [h])[0])
     with torch.no_grad():
         assert _close(linear_cross_entropy(h, w, y, chunk_size=10), F.cross_entropy(h @ w.T, y))
+    trained, modes = w.clone().requires_grad_(True), []
+
+    def head(t):
+        modes.append(torch.is_grad_enabled())  # a gradient pass would run the head with grad enabled
+        return t @ trained.T
+
+    with torch.no_grad():  # a trainable head too: no gradient is computed for it
+        assert _close(head_cross_entropy(h, head, [trained], y, chunk_size=10), F.cross_entropy(h @ w.T, y))
+    assert modes and not any(modes)
 
 
 def test_only_one_chunk_of_logits_lives_at_a_time():

@@ -4,7 +4,9 @@ The question long-context fine-tuners ask ("how many tokens fit my 12 GB card?")
 ``longest_sequence`` stretches the example batch along its sequence dimension, traces the step at three lengths
 (fake tensors: a meta-device model works, nothing is allocated), fits the peak as ``a + b L + c L^2`` (linear where
 the fused attention kernels run, quadratic where the math kernel or an ``L x L`` mask is kept), solves for the budget
-and confirms by tracing the answer (stepping down until a trace fits). Lengths are multiples of ``step`` tokens.
+then traces around that guess (a bracket of 2 % that doubles until one side fits and the other does not) and bisects
+to ``step`` tokens, so the answer is a traced length that fits and one ``step`` more is one that does not (unless
+``max_tokens`` is reached).
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def longest_sequence(
 
     lengths = [step, step * 2, step * 4] if dim == 0 else [step * 4, step * 8, step * 16]
     peaks = [peak(n)[0] for n in lengths]
-    guess = _solve(lengths, peaks, budget)
-    tokens = min(max_tokens, max(step, int(guess) // step * step))
+    guess = min(_solve(lengths, peaks, budget), max_tokens)  # inf where the peak does not grow with the length
+    tokens = max(step, int(guess) // step * step)
     fits: dict[int, MemoryEstimate | None] = {}  # traced lengths that fit (their estimate)
 
     def fit(n: int) -> bool:
@@ -138,8 +140,7 @@ def longest_sequence(
     while hi - lo > step:
         middle = (lo + hi) // 2 // step * step
         lo, hi = (middle, hi) if fit(middle) else (lo, middle)
-    best = (lo, fits.get(lo)) if lo > 0 else (0, None)
-    return ContextFit(best[0], best[1], budget, setting or "as given", saving)
+    return ContextFit(lo, fits.get(lo), budget, setting or "as given", saving)  # lo == 0: nothing fits
 
 
 def frugal_settings(module: nn.Module, profile: GPUProfile) -> dict[str, Any]:
@@ -149,15 +150,14 @@ def frugal_settings(module: nn.Module, profile: GPUProfile) -> dict[str, Any]:
     (a card with ``pcie_gbs``) and the chunked cross-entropy (a HF causal LM it reproduces).
     """
     from lightning_lowvram.checkpointing import repeated_blocks
-    from lightning_lowvram.chunked_ce_hf import causal_lms, why_not_supported
+    from lightning_lowvram.chunked_ce_hf import is_chunkable
 
     blocks = bool(repeated_blocks(module))
-    models = causal_lms(module)
     return {
         "precision": "bf16-mixed" if profile.bf16 else "16-mixed",
         "activation_checkpointing": blocks,
         "offload_activations": blocks and profile.pcie_gbs is not None,
-        "chunked_cross_entropy": bool(models) and not any(why_not_supported(m) for m in models),
+        "chunked_cross_entropy": is_chunkable(module),
     }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from lightning_lowvram.batching import batch_size_of
+from lightning_lowvram.chunked_ce_hf import is_chunkable
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
 from lightning_lowvram.planner.estimate import (
     PRECISIONS,
@@ -239,8 +240,9 @@ def plan(
             ``("32-true",)`` when you need float32 numerics.
         allow_chunked_ce: For a Hugging Face causal LM whose head and loss it reproduces exactly
             (``chunked_ce_hf.FAMILIES``), every setting but the plain one computes them in chunks
-            (ChunkedCrossEntropyCallback), traced: the same loss and gradients, the same FLOPs (the step-time model
-            counts them), a fraction of the logits' bytes.
+            (ChunkedCrossEntropyCallback), traced: the same loss and gradients and FLOPs, a fraction of the logits'
+            bytes; the step-time model also counts each chunk's kernel launches, so on a small model it predicts the
+            chunked step slower (and picks it only when the plain loss does not fit).
 
     Raises:
         ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput (or, for
@@ -282,7 +284,7 @@ def plan(
     sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
     first = "32-true" if "32-true" in precisions else precisions[0]
     candidates = [search.extrapolated(first, n, False, False, 0, ("none", "none"))]  # the plain setup
-    search.chunked = allow_chunked_ce and _chunkable(module)
+    search.chunked = allow_chunked_ce and is_chunkable(module)
     skipped: list[str] = []
     layouts: list[Layout] = [("none", "none")] + ([("grad_op", "none"), ("full", "none")] if devices > 1 else [])
     for layout in layouts:  # least traffic first: what fits there bounds what more traffic could win
@@ -400,7 +402,7 @@ class _Search:
         return traffic_of(self.devices, layout[0], layout[1], params, grads)
 
     @staticmethod
-    def key(c: Candidate) -> tuple[str, int, bool, bool, int, Layout]:
+    def key(c: Candidate) -> tuple[str, int, Ckpt, bool, int, Layout]:
         layout = (c.sharding, c.offload)
         ckpt: Ckpt = "offload" if c.offload_activations else c.activation_checkpointing
         return c.precision, c.micro_batch_size, ckpt, c.optimizer_8bit, c.base_bits, layout
@@ -475,14 +477,6 @@ def _base_saving(module: nn.Module, bits: int) -> tuple[int, int]:
     from lightning_lowvram.lowbit import low_bit_saving
 
     return low_bit_saving(module, bits)  # type: ignore[arg-type]
-
-
-def _chunkable(module: nn.Module) -> bool:
-    """Whether ``module`` holds HF causal LMs the chunked cross-entropy reproduces exactly."""
-    from lightning_lowvram.chunked_ce_hf import causal_lms, why_not_supported
-
-    models = causal_lms(module)
-    return bool(models) and not any(why_not_supported(m) for m in models)
 
 
 def _has_blocks(module: nn.Module) -> bool:
