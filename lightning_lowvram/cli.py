@@ -28,7 +28,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning_lowvram._files import check_writable
 from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
-from lightning_lowvram.hydra_setup import TRAINER_STRATEGY, callback_nodes, planned_devices, trainer_strategy_node
+from lightning_lowvram.hydra_setup import (
+    AUTO_OPTIONS,
+    TRAINER_STRATEGY,
+    callback_nodes,
+    planned_devices,
+    trainer_strategy_node,
+)
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.meter import memory_table
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes
@@ -284,8 +290,7 @@ def _ckpt_path(cfg: DictConfig) -> str | None:
     return str(_last_checkpoint()) if ckpt == "last" else ckpt
 
 
-# strategy=auto's own keys (the planner's arguments) and their defaults
-_AUTO_OPTIONS = {"margin": 0.1, "allow_int8_base": False, "allow_low_bit_base": False}
+_AUTO_OPTIONS = AUTO_OPTIONS  # strategy=auto's own keys and their defaults (hydra_setup, one table)
 
 
 def _check_strategy_keys(cfg: DictConfig) -> None:
@@ -311,7 +316,7 @@ def _check_strategy_keys(cfg: DictConfig) -> None:
         margin = cfg.strategy.get("margin", 0.1)
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
             raise ConfigError("strategy.margin", margin, "must be a number in [0, 1) (a fraction of the card)")
-        for key in ("allow_int8_base", "allow_low_bit_base"):
+        for key in [k for k in _AUTO_OPTIONS if k.startswith("allow_")]:
             if not isinstance(cfg.strategy.get(key, False), bool):
                 raise ConfigError(f"strategy.{key}", cfg.strategy.get(key), "must be true or false")
 

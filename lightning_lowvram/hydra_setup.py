@@ -24,6 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.profiles import GPUProfile, gpu_profile
 
+# strategy=auto's own keys (the planner's arguments, conf/strategy/auto.yaml) and their defaults: the CLI and
+# lowvram_setup read this one table
+AUTO_OPTIONS: dict[str, Any] = {
+    "margin": 0.1,
+    "allow_int8_base": False,
+    "allow_low_bit_base": False,
+    "allow_bf16_base": True,
+}
+
 #: the key of a ``strategy`` node holding the Trainer's own strategy (``strategy=fsdp2``), not a callback
 TRAINER_STRATEGY = "trainer_strategy"
 
@@ -119,8 +128,7 @@ def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch
         raise ValueError("strategy=auto: lowvram_setup(cfg, model=..., batch=...) needs the model and a training batch")
     from lightning_lowvram.planner import plan
 
-    options = {k: strategy.get(k, d) for k, d in (("margin", 0.1), ("allow_int8_base", False),
-                                                   ("allow_low_bit_base", False))}  # fmt: skip
+    options = {k: strategy.get(k, d) for k, d in AUTO_OPTIONS.items()}
     chosen = plan(model, batch, profile, devices=planned_devices(cfg), **options)
     if chosen.chosen is None:
         raise ValueError(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")

@@ -1,8 +1,8 @@
 """Low-bit frozen bases for adapter training (QLoRA-style): the functional core of ``LowBitBaseCallback``.
 
-Every frozen Linear (and Hugging Face ``Conv1D``, as the ``nn.Linear`` it is) keeps its weight in 4 bits (NF4) or
-8 bits (int8 weight-only); trainable layers (adapters, heads) are untouched, and gradients still flow through the
-frozen layers to the adapters and inputs.
+Every frozen Linear (and Hugging Face ``Conv1D``, as the ``nn.Linear`` it is) keeps its weight in 4 bits (NF4),
+8 bits (int8 weight-only) or 16 bits (bfloat16); trainable layers (adapters, heads) are untouched, and gradients
+still flow through the frozen layers to the adapters and inputs.
 
 - ``bits=4``: torchao's ``NF4Tensor`` (``torchao.quantization.quantize_.workflows.nf4``): blocks of
   ``NF4_BLOCK_SIZE`` weights share an absmax scale, and the scales are themselves quantized in blocks (QLoRA's double
@@ -11,6 +11,11 @@ frozen layers to the adapters and inputs.
   backward, in slices straight into the compute dtype: it holds one weight's worth in that dtype (torchao's own
   ``F.linear`` holds 20 bytes a float32 weight at once; the result is the same to the bit).
 - ``bits=8``: torchao's int8 weight-only layers (``DynamicQuantCallback(freeze_base=True)``, deprecated, calls this).
+- ``bits=16``: float32 weights and biases stored as bfloat16 (0.5x), for ``bf16-mixed`` training: CUDA and CPU
+  autocast cast each float32 weight to bfloat16 for its matmul anyway (``linear``, ``addmm``, ``matmul`` are on both
+  lower-precision lists), with the same rounding, so under autocast the results are the same to the bit and the
+  adapters and their optimizer state stay float32 (as peft keeps them). Without autocast a bfloat16 weight meets
+  float32 inputs and the layer fails; ``LowBitBaseCallback`` refuses any precision but ``bf16-mixed`` for it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from lightning_lowvram.quantization import (
     tied_layers,
 )
 
-Bits = Literal[4, 8]
+Bits = Literal[4, 8, 16]
+BITS = (4, 8, 16)
 # Values per NF4 absmax block and scales per double-quantization block: QLoRA's (Dettmers et al. 2023, section 3)
 # and torchao's defaults. Fixed: torchao 0.18's NF4Tensor re-quantizes every copy (clone, deepcopy) at these sizes,
 # so a layer is converted only when its weight count is a multiple of both (16384).
@@ -43,7 +49,7 @@ class LowBitReport:
     """What ``quantize_frozen_base`` did.
 
     Attributes:
-        bits: 4 (NF4) or 8 (int8 weight-only).
+        bits: 4 (NF4), 8 (int8 weight-only) or 16 (bfloat16).
         converted: The frozen layers now low-bit.
         kept: Frozen layers kept in float, with the reason.
         bytes_before: Bytes the converted layers held in float (weights, biases).
@@ -84,11 +90,11 @@ def require_frozen_base(module: nn.Module, bits: Bits) -> list[str]:
     """The frozen Linear / ``Conv1D`` layers ``quantize_frozen_base`` would store in ``bits`` bits; refuses none.
 
     Raises:
-        ValueError: ``bits`` other than 4 or 8, or no frozen Linear / ``Conv1D`` layer.
+        ValueError: ``bits`` other than 4, 8 or 16, or no frozen Linear / ``Conv1D`` layer.
 
     """
-    if bits not in (4, 8) or isinstance(bits, bool):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if bits not in BITS or isinstance(bits, bool):
+        raise ValueError(f"bits must be 4, 8 or 16, got {bits!r}")
     names = frozen_linear_layers(module)
     if not names and not low_bit_layers(module):  # a base already low-bit (a second stage) has nothing left to do
         raise ValueError(
@@ -98,18 +104,33 @@ def require_frozen_base(module: nn.Module, bits: Bits) -> list[str]:
     return names
 
 
+def check_precision(bits: int, precision: str) -> None:
+    """Refuse a bfloat16 base (``bits=16``) under a precision other than ``bf16-mixed``.
+
+    Raises:
+        ValueError: ``bits=16`` with ``precision`` not ``"bf16-mixed"``, naming both.
+
+    """
+    if bits == 16 and precision != "bf16-mixed":
+        raise ValueError(
+            f"LowBitBaseCallback(bits=16) stores the frozen base in bfloat16 for precision='bf16-mixed' (autocast "
+            f"computes with bfloat16 weights there, so nothing changes); got precision={precision!r}: set "
+            "trainer.precision=bf16-mixed, or bits=4/8"
+        )
+
+
 def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
     """Store every frozen Linear / ``Conv1D`` weight of ``module`` in ``bits`` bits, in place.
 
     Args:
         module: A model whose base is frozen (``requires_grad_(False)``, or wrapped by peft's LoRA).
-        bits: 4 (NF4) or 8 (int8 weight-only).
+        bits: 4 (NF4), 8 (int8 weight-only) or 16 (bfloat16, for bf16 autocast: see the module's docstring).
 
     Returns:
         What was converted, what was kept in float and why, and the bytes before and after.
 
     Raises:
-        ValueError: ``bits`` other than 4 or 8, or no frozen Linear / ``Conv1D`` layer.
+        ValueError: ``bits`` other than 4, 8 or 16, or no frozen Linear / ``Conv1D`` layer.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 2))
@@ -127,6 +148,13 @@ def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
     for name in names:
         if name in tied:
             kept[name] = "weight tied to another module: a low-bit copy would sit beside the float one"
+            continue
+        if bits == 16:  # in place, Conv1D as it is (its addmm is on autocast's lists too)
+            if module.get_submodule(name).weight.dtype != torch.float32:
+                kept[name] = f"already {module.get_submodule(name).weight.dtype}: nothing to save"
+                continue
+            _to_bf16(module.get_submodule(name))
+            converted.append(name)
             continue
         layer = as_linear(module.get_submodule(name))
         if bits == 4:
@@ -148,6 +176,14 @@ def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
         converted.append(name)
     before = before - linear_bytes(module, kept) if kept else before
     return LowBitReport(bits, converted, kept, before, linear_bytes(module, converted))
+
+
+def _to_bf16(layer: nn.Module) -> None:
+    """The layer's float32 weight and bias as frozen bfloat16 parameters (the same names, the same module)."""
+    for key in ("weight", "bias"):
+        value = getattr(layer, key, None)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            setattr(layer, key, nn.Parameter(value.detach().to(torch.bfloat16), requires_grad=False))
 
 
 # Weight pairs dequantized at a time: a sixteenth of the layer, between 2**12 and 2**18 pairs (a multiple of every
@@ -320,12 +356,18 @@ def low_bit_saving(module: nn.Module, bits: Bits) -> tuple[int, int]:
     The same layers are converted (frozen, untied, NF4-blockable for 4 bits); 4 bits counted with :func:`nf4_bytes`,
     8 bits as torchao 0.18's int8 weight-only layout: int8 weights, a float32 scale and an int8 zero point per output
     row (both checked against converted layers by ``tests/test_lowbit.py``). The transient is the largest layer's
-    :func:`dequant_bytes`: what a planner adds back at the peak.
+    :func:`dequant_bytes`: what a planner adds back at the peak. 16 bits: half of each float32 weight and bias, and
+    no transient (the planner traces a bfloat16 base instead: autocast's bfloat16 copies of float32 weights, which
+    the float base's step holds, are gone too).
     """
     tied = set(tied_layers(module))
     saved, largest = 0, 0
     for name in frozen_linear_layers(module):
         weight = module.get_submodule(name).weight
+        if bits == 16:
+            tensors = [] if name in tied else [weight, getattr(module.get_submodule(name), "bias", None)]
+            saved += sum(t.numel() * 2 for t in tensors if isinstance(t, torch.Tensor) and t.dtype == torch.float32)
+            continue
         if name in tied or (bits == 4 and weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE)):
             continue
         rows = weight.shape[1] if is_conv1d(module.get_submodule(name)) else weight.shape[0]

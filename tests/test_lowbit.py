@@ -58,7 +58,7 @@ def test_gpt2_conv1d_layers_are_converted_as_linear_and_tied_ones_stay_float():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="bits must be 4 or 8, got 3"):
+    with pytest.raises(ValueError, match="bits must be 4, 8 or 16, got 3"):
         quantize_frozen_base(Adapted(), bits=3)
     with pytest.raises(ValueError, match="has no frozen Linear/Conv1D layer"):
         quantize_frozen_base(nn.Sequential(nn.Linear(4, 4)), bits=4)
@@ -152,3 +152,38 @@ def test_on_cuda_the_allocator_sees_the_low_bit_bytes(bits):
     tensors = sum(1 for n in names for _ in model.get_submodule(n).state_dict().values()) + 8  # scales, tables
     assert report.bytes_before == float_bytes
     assert abs(freed - (report.bytes_before - report.bytes_after)) <= 512 * tensors, (freed, report)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_bf16_base_computes_the_same_step_to_the_bit_under_bf16_autocast_and_halves_its_bytes(family):
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_lowvram.lowbit import low_bit_saving
+    from tests.real_models.models import hf_batches, hf_model
+
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[family]
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, target_modules=targets, fan_in_fan_out=family == "gpt2")
+    plain = get_peft_model(hf_model(family, hidden=128), config)
+    bf16 = copy.deepcopy(plain)
+    before = sum(p.numel() * p.element_size() for p in bf16.parameters())
+    saved, transient = low_bit_saving(bf16, 16)
+    report = quantize_frozen_base(bf16, bits=16)
+    after = sum(p.numel() * p.element_size() for p in bf16.parameters())
+    assert before - after == saved > 0 and transient == 0  # the modelled saving, byte for byte
+    assert report.ratio == 0.5 and bf16.get_submodule(report.converted[0]).weight.dtype == torch.bfloat16
+    if family == "gpt2":  # the head is the embedding: converting it would change the embedding's output
+        assert "base_model.model.lm_head" in report.kept and bf16.base_model.model.lm_head.weight.dtype == torch.float32
+    adapters = {n: p for n, p in bf16.named_parameters() if p.requires_grad}
+    assert adapters and all(p.dtype == torch.float32 for p in adapters.values())  # as peft keeps them
+    batch = next(iter(hf_batches(family, n=4, batch_size=4, seq=16)))
+    losses = []
+    for model in (plain, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, adapters[name].grad), name

@@ -1,4 +1,4 @@
-"""LowBitBaseCallback: the frozen base in 4 bits (NF4) or 8 bits under trainable adapters (QLoRA-style)."""
+"""LowBitBaseCallback: the frozen base in 4 bits (NF4), 8 bits or bfloat16 under trainable adapters (QLoRA-style)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lowvram.callbacks._patching import patch_method
-from lightning_lowvram.lowbit import LowBitReport, pack_low_bit, quantize_frozen_base, unpack_low_bit
+from lightning_lowvram.lowbit import (
+    BITS,
+    LowBitReport,
+    check_precision,
+    pack_low_bit,
+    quantize_frozen_base,
+    unpack_low_bit,
+)
 from lightning_lowvram.memory.profiles import format_bytes
 from lightning_lowvram.memory.tracker import host_memory
 
@@ -21,32 +28,36 @@ class LowBitBaseCallback(Callback):
     """Store every frozen Linear / HF ``Conv1D`` weight in ``bits`` bits before the stage runs; adapters stay float.
 
     For LoRA-style fine-tuning (peft's ``get_peft_model`` freezes the base; so does ``requires_grad_(False)`` on your
-    own base): the frozen weights take 4.25 bits (NF4, torchao) or 8 bits (int8 weight-only) instead of 32, gradients
-    still reach the adapters through them. The conversion happens once, in ``setup`` (before the optimizer exists, and
+    own base): the frozen weights take 4.25 bits (NF4, torchao), 8 bits (int8 weight-only) or 16 (bfloat16) instead
+    of 32, gradients still reach the adapters through them. The conversion happens once, in ``setup`` (before the optimizer exists, and
     before a checkpoint's weights are loaded, so a checkpoint saved with the callback loads into a fresh module with
     it), in host memory when the module is still on the CPU: the float weights and the conversion's scratch never
     reach the card. Checkpoints keep the base in 4 bits as plain tensors (``pack_low_bit``: weights-only loadable),
     with the adapters and optimizer state. The bytes before and after go to the loggers
     (``lowvram/low_bit_base/bytes`` and ``.../ratio``) and the summary.
 
-    The one trap: the base's numerics change (NF4 keeps about 9 % relative error per weight on random weights); the
-    float weights are not kept, so save the float model first if you need it.
+    The one trap: with 4 or 8 bits the base's numerics change (NF4 keeps about 9 % relative error per weight on
+    random weights); the float weights are not kept, so save the float model first if you need it. 16 bits changes
+    nothing under ``precision="bf16-mixed"`` (autocast computes with bfloat16 copies of the weights anyway; the step
+    is the same to the bit, and the copies are no longer made) and is refused under any other precision.
 
     Args:
         bits: 4 (NF4 in QLoRA's blocks of 64 weights and 256 scales, about 0.13x of float32; a layer whose weight
-            count is not a multiple of 16384 stays float, with one warning) or 8 (int8 weight-only, about 0.26x).
+            count is not a multiple of 16384 stays float, with one warning), 8 (int8 weight-only, about 0.26x) or 16
+            (bfloat16, 0.5x; ``bf16-mixed`` only; a weight tied to an embedding stays float32).
 
     Raises:
-        ValueError: ``bits`` other than 4 or 8; in ``setup``, a module without a frozen Linear / ``Conv1D`` layer.
+        ValueError: ``bits`` other than 4, 8 or 16; in ``setup``, a module without a frozen Linear / ``Conv1D``
+            layer, or ``bits=16`` under a precision other than ``bf16-mixed``.
 
     Example:
         >>> callback = LowBitBaseCallback(bits=4)  # L.Trainer(callbacks=[callback]).fit(lora_model)
 
     """
 
-    def __init__(self, bits: Literal[4, 8] = 4) -> None:
-        if isinstance(bits, bool) or bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    def __init__(self, bits: Literal[4, 8, 16] = 4) -> None:
+        if isinstance(bits, bool) or bits not in BITS:
+            raise ValueError(f"bits must be 4, 8 or 16, got {bits!r}")
         self.bits = bits
         self.report: LowBitReport | None = None
         self._undo: Callable[[], None] | None = None  # puts back the module's own on_load_checkpoint
@@ -62,11 +73,14 @@ class LowBitBaseCallback(Callback):
             self._undo = patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint)
         if self.report is not None:
             return
+        check_precision(self.bits, str(trainer.precision))
         # Lightning moves the module to the device after setup: a module still on the CPU converts in host memory
         on_host = all(p.device.type == "cpu" for p in pl_module.parameters())
         with host_memory() if on_host else contextlib.nullcontext():
             self.report = quantize_frozen_base(pl_module, self.bits)
-        if self.report.kept:
+        if not self.report.converted:
+            rank_zero_warn(f"LowBitBaseCallback: changed nothing: {self.summary()}")
+        elif self.report.kept:
             rank_zero_warn(
                 "LowBitBaseCallback: kept in float: " + "; ".join(f"{n} ({why})" for n, why in self.report.kept.items())
             )
@@ -104,10 +118,13 @@ class LowBitBaseCallback(Callback):
 
     def summary(self) -> str:
         """One line for the `lowvram` summary."""
+        name = "bfloat16" if self.bits == 16 else f"{self.bits} bits"
         if self.report is None:
-            return f"{self.bits}-bit base (not applied yet)"
+            return f"{name} base (not applied yet)"
         r = self.report
+        if not r.converted:
+            return f"no frozen layer stored in {name} ({len(r.kept)} kept: {next(iter(r.kept.values()), '-')})"
         return (
-            f"{len(r.converted)} frozen layer(s) in {self.bits} bits: {format_bytes(r.bytes_before)} -> "
+            f"{len(r.converted)} frozen layer(s) in {name}: {format_bytes(r.bytes_before)} -> "
             f"{format_bytes(r.bytes_after)} ({r.ratio:.2f}x)" + (f", {len(r.kept)} kept float" if r.kept else "")
         )

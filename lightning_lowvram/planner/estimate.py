@@ -114,6 +114,7 @@ def estimate_step_memory(
     optimizer_8bit: bool = False,
     chunked_cross_entropy: bool = False,
     offload_activations: bool = False,
+    bf16_base: bool = False,
     gpu: str | GPUProfile | None = None,
     device: Literal["cpu", "cuda"] | None = None,
     devices: int = 1,
@@ -137,6 +138,8 @@ def estimate_step_memory(
             does), traced: the chunked loss runs on the fake copy.
         offload_activations: With ``activation_checkpointing``, the checkpointed blocks' saved inputs in host memory
             (``ActivationCheckpointingCallback(offload=True)``), traced: their bytes are in ``host``, not ``peak``.
+        bf16_base: Frozen float32 Linear layers stored in bfloat16 (``LowBitBaseCallback(bits=16)``), traced on the
+            copy; ``bf16-mixed`` only (where it computes the same step).
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
             ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
@@ -167,6 +170,10 @@ def estimate_step_memory(
             "offload_activations=True moves checkpointed blocks' inputs to host memory: it needs "
             "activation_checkpointing=True (ActivationCheckpointingCallback(offload=True))"
         )
+    if bf16_base:
+        from lightning_lowvram.lowbit import check_precision
+
+        check_precision(16, precision)
     spec = shard_spec(devices, sharding, offload)
     profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
     cuda = device == "cuda" or (device is None and profile is not None and profile.memory_gib is not None)
@@ -179,7 +186,7 @@ def estimate_step_memory(
     micro = min(micro_batch_size or n, n)
     split = micro < n  # later micro-batches of a step run with the step's gradients already there
 
-    strategies = (activation_checkpointing, chunked_cross_entropy, offload_activations)
+    strategies = (activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base)
     step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, strategies, capability, spec)
     try:
         per_phase, work, state, moved = _run(*step, fake=True)
@@ -373,7 +380,7 @@ def _run(
     accumulating: bool,
     precision: str,
     optimizer: Any,
-    strategies: tuple[bool, bool, bool],
+    strategies: tuple[bool, bool, bool, bool],
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
@@ -386,7 +393,8 @@ def _run(
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
 
-    ``strategies``: activation checkpointing, chunked cross-entropy, activation offload. ``capability``: the CUDA
+    ``strategies``: activation checkpointing, chunked cross-entropy, activation offload, a bfloat16 frozen base.
+    ``capability``: the CUDA
     card's compute capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
     an FSDP2 job over a fake process group.
     """
@@ -395,7 +403,11 @@ def _run(
     copied = _detached_copy(module, mode)
     if precision == "bf16-true":
         to_dtype(copied, torch.bfloat16)
-    activation_checkpointing, chunked_cross_entropy, offload_activations = strategies
+    activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base = strategies
+    if bf16_base:
+        from lightning_lowvram.lowbit import quantize_frozen_base
+
+        quantize_frozen_base(copied, 16)
     if activation_checkpointing:
         checkpoint_blocks(copied, offload=offload_activations)
     if chunked_cross_entropy:

@@ -53,7 +53,7 @@ class Candidate:
     micro_batch_size: int
     activation_checkpointing: bool
     optimizer_8bit: bool
-    base_bits: int  # 0: the frozen base as it is; 8 or 4: stored in that many bits (LowBitBaseCallback)
+    base_bits: int  # 0: the frozen base as it is; 16, 8 or 4: stored in that many bits (LowBitBaseCallback)
     estimate: MemoryEstimate
     fits: bool
     step_time: float  # predicted seconds per optimizer step on the card
@@ -83,7 +83,8 @@ class Candidate:
         parts = [self.layout] if self.layout else []
         parts += [self.precision, f"micro-batch {self.micro_batch_size}"]
         parts += ["8-bit optimizer"] if self.optimizer_8bit else []
-        parts += [{8: "int8 frozen base", 4: "NF4 frozen base"}[self.base_bits]] if self.base_bits else []
+        names = {16: "bf16 frozen base", 8: "int8 frozen base", 4: "NF4 frozen base"}
+        parts += [names[self.base_bits]] if self.base_bits else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
         parts += ["activations offloaded"] if self.offload_activations else []
         parts += ["chunked CE"] if self.chunked_ce else []
@@ -212,6 +213,7 @@ def plan(
     allow_low_bit_base: bool = False,
     precisions: tuple[str, ...] | list[str] | None = None,
     allow_chunked_ce: bool = True,
+    allow_bf16_base: bool = True,
 ) -> Plan:
     """Choose the fastest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
 
@@ -243,6 +245,11 @@ def plan(
             (ChunkedCrossEntropyCallback), traced: the same loss and gradients and FLOPs, a fraction of the logits'
             bytes; the step-time model also counts each chunk's kernel launches, so on a small model it predicts the
             chunked step slower (and picks it only when the plain loss does not fit).
+        allow_bf16_base: Under ``bf16-mixed``, frozen float32 Linear layers may be stored in bfloat16
+            (``LowBitBaseCallback(bits=16)``): the same step to the bit (autocast computes with bfloat16 copies of
+            them anyway), half their bytes (modelled, ``lowbit.low_bit_saving``); adapters and their optimizer state
+            stay float32; traced with the base converted on the copy (the bfloat16 copies autocast no longer makes
+            are gone from the peak and the time).
 
     Raises:
         ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput (or, for
@@ -278,6 +285,7 @@ def plan(
     n = batch_size_of(batch)
     allowed = [8] if allow_int8_base else []
     allowed = [8, 4] if allow_low_bit_base else allowed
+    allowed += [16] if allow_bf16_base and "bf16-mixed" in precisions else []
     savings = {bits: _base_saving(module, bits) for bits in allowed}
     savings = {bits: saving for bits, saving in savings.items() if saving[0] > 0}
     search = _Search(module, batch, profile, budget, n, savings, devices)
@@ -341,6 +349,8 @@ def _search_layout(
                 skipped.append(", ".join(p for p in (name, precision, "checkpointing" if ckpt else "") if p))
                 continue
             for optim8, base8 in itertools.product(eight_bit, base_bits):
+                if base8 == 16 and precision != "bf16-mixed":
+                    continue  # a bfloat16 base is exact under bf16 autocast only (LowBitBaseCallback refuses others)
                 options = [search.extrapolated(precision, m, ckpt, optim8, base8, layout) for m in sizes]
                 fitting = [c for c in options if c.fits]
                 candidates.append(fitting[0] if fitting else options[-1])  # the largest that fits, else the smallest
@@ -349,10 +359,11 @@ def _search_layout(
 def _rank(c: Candidate) -> tuple[float, int, int]:
     """Sort key: fastest first; on times equal to 3 significant digits, fewer changes, then the smaller peak.
 
-    Modelled variants (8-bit state, int8 base) take the float step's time, so they tie with it: the setting that
-    changes less of the user's setup wins the tie.
+    Modelled variants (8-bit state, a low-bit base) take the float step's time, so they tie with it: the setting that
+    changes less of the user's setup wins the tie (a bfloat16 base, exact under bf16 autocast, before int8 / NF4).
     """
-    changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit + bool(c.base_bits)
+    changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit
+    changes += {0: 0, 16: 1}.get(c.base_bits, 2)  # a base with changed numerics (int8, NF4) counts twice
     changes += (c.sharding != "none") + (c.offload != "none") + c.chunked_ce + c.offload_activations
     return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
 
@@ -383,16 +394,17 @@ class _Search:
         self.savings = savings  # bits -> (bytes a low-bit frozen base saves, the dequantization transient)
         self.devices = devices
         self.chunked = False  # trace with the chunked cross-entropy (every setting but the plain one, where it applies)
-        self.cache: dict[tuple[str, int, Ckpt, Layout, bool], MemoryEstimate] = {}
+        self.cache: dict[tuple[str, int, Ckpt, Layout, bool, bool], MemoryEstimate] = {}
 
-    def trace(self, precision: str, micro: int, ckpt: Ckpt, layout: Layout) -> MemoryEstimate:
-        key = (precision, micro, ckpt, layout, self.chunked)
+    def trace(self, precision: str, micro: int, ckpt: Ckpt, layout: Layout, bf16: bool = False) -> MemoryEstimate:
+        """The step traced (cached); ``bf16``: with the frozen base in bfloat16 on the traced copy."""
+        key = (precision, micro, ckpt, layout, self.chunked, bf16)
         if key not in self.cache:
             self.cache[key] = estimate_step_memory(
                 self.module, self.batch, micro_batch_size=micro, precision=precision,
                 activation_checkpointing=bool(ckpt), offload_activations=ckpt == "offload", gpu=self.profile,
                 devices=self.devices, sharding=layout[0],  # type: ignore[arg-type]
-                offload=layout[1], chunked_cross_entropy=self.chunked,  # type: ignore[arg-type]
+                offload=layout[1], chunked_cross_entropy=self.chunked, bf16_base=bf16,  # type: ignore[arg-type]
             )  # fmt: skip
         return self.cache[key]
 
@@ -413,7 +425,7 @@ class _Search:
     ) -> Candidate:  # fmt: skip
         if optim8:
             estimate = with_8bit_optimizer(estimate, self.module)
-        if base_bits:
+        if base_bits in (4, 8):  # modelled; a bfloat16 base is traced
             saved, transient = self.savings[base_bits]
             by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - saved}
             by_category["temporaries"] = by_category.get("temporaries", 0) + transient  # a layer's dequantization
@@ -432,7 +444,7 @@ class _Search:
         return 2 * offloaded / (self.profile.pcie_gbs * 1e9) if offloaded else 0.0
 
     def traced(self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base8: int, layout: Layout) -> Candidate:
-        estimate = self.trace(precision, micro, ckpt, layout)
+        estimate = self.trace(precision, micro, ckpt, layout, base8 == 16)
         steps = math.ceil(self.n / micro)
         seconds = estimate.work.seconds(self.profile, steps, self.traffic(precision, layout))
         seconds += steps * self.copies(estimate.offloaded_activations)
@@ -441,9 +453,11 @@ class _Search:
     def extrapolated(
         self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base8: int, layout: Layout
     ) -> Candidate:
-        if (precision, micro, ckpt, layout, self.chunked) in self.cache or micro <= 2:
+        bf16 = base8 == 16
+        if (precision, micro, ckpt, layout, self.chunked, bf16) in self.cache or micro <= 2:
             return self.traced(precision, micro, ckpt, optim8, base8, layout)
-        one, two = self.trace(precision, 1, ckpt, layout), self.trace(precision, min(2, self.n), ckpt, layout)
+        one = self.trace(precision, 1, ckpt, layout, bf16)
+        two = self.trace(precision, min(2, self.n), ckpt, layout, bf16)
         grow = micro - 1
 
         def line(a: int, b: int) -> int:

@@ -73,7 +73,7 @@ def test_predict_runs_a_base_whose_float_weights_exceed_the_card(bits):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="bits must be 4 or 8, got 2"):
+    with pytest.raises(ValueError, match="bits must be 4, 8 or 16, got 2"):
         LowBitBaseCallback(bits=2)
     from lightning_lowvram.demo import DigitsMLP
 
@@ -85,3 +85,32 @@ def test_bad_input():
             ),
         )
     assert copy.deepcopy(LowBitBaseCallback(bits=8)).bits == 8
+
+
+def test_a_bf16_base_trains_as_bf16_mixed_does_and_other_precisions_are_refused_before_a_step():
+    loader = hf_batches("llama", n=16, batch_size=8, seq=16)
+
+    def fit(callbacks, precision="bf16-mixed"):
+        torch.manual_seed(0)
+        module = _lora_llama()
+        quiet_trainer(max_steps=3, limit_val_batches=0, precision=precision, callbacks=callbacks).fit(module, loader)
+        return module
+
+    callback = LowBitBaseCallback(bits=16)
+    plain, bf16 = fit([]), fit([callback])
+    assert "in bfloat16" in callback.summary() and callback.report.ratio == 0.5
+    for (name, p), q in zip(plain.named_parameters(), bf16.parameters(), strict=True):
+        if p.requires_grad:
+            assert q.dtype == torch.float32 and torch.equal(p, q), name  # the same steps to the bit
+    untouched = _lora_llama()
+    weights = {n: p.detach().clone() for n, p in untouched.named_parameters()}
+    with pytest.raises(ValueError, match=r"bits=16\).*precision='32-true'"):
+        quiet_trainer(max_steps=1, callbacks=[LowBitBaseCallback(bits=16)]).fit(untouched, loader)
+    assert all(torch.equal(p, weights[n]) and p.dtype == torch.float32 for n, p in untouched.named_parameters())
+    converted = copy.deepcopy(bf16)
+    callback = LowBitBaseCallback(bits=16)
+    with pytest.warns(UserWarning, match="changed nothing"):
+        quiet_trainer(max_steps=1, limit_val_batches=0, precision="bf16-mixed", callbacks=[callback]).fit(
+            converted, loader
+        )
+    assert "no frozen layer stored in bfloat16" in callback.summary()

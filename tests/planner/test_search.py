@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 
 import lightning as L
@@ -9,6 +10,7 @@ from torch import nn
 from lightning_lowvram import FSDP2Strategy, GPUProfile, format_bytes, memory_budget, plan_callbacks
 from lightning_lowvram.demo import DigitsMLP, TinyGPT, TinyTextDataModule
 from lightning_lowvram.planner import estimate_step_memory, plan
+from lightning_lowvram.planner.estimate import PRECISIONS
 from lightning_lowvram.planner.chart import chart
 from lightning_lowvram.planner.search import tensor_peak
 from lightning_lowvram.planner.timing import traffic_of
@@ -137,6 +139,47 @@ def test_a_low_bit_frozen_base_only_when_allowed_and_nf4_when_int8_is_not_enough
     assert "callbacks.lowvram_low_bit_base.bits=4" in allowed.overrides()
     roomier = plan(model, batch, _card((plain - int8 / 2 + transient8) / 0.9 / 2**30), allow_int8_base=True)
     assert roomier.chosen is not None and roomier.chosen.int8_base
+
+
+@pytest.mark.usefixtures("no_cublas_workspace")
+def test_a_bf16_base_under_bf16_mixed_when_it_is_what_fits_and_it_runs_under_the_budget_with_the_plain_steps():
+    from lightning_lowvram import LowBitBaseCallback
+    from lightning_lowvram.lowbit import low_bit_saving
+
+    batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
+    fp32, mixed = (estimate_step_memory(DeepFrozen(), batch, device="cuda", precision=p).peak for p in PRECISIONS[:2])
+    bf16 = estimate_step_memory(DeepFrozen(), batch, device="cuda", precision="bf16-mixed", bf16_base=True).peak
+    saved, _ = low_bit_saving(DeepFrozen(), 16)
+    assert mixed - bf16 >= saved  # half the frozen bytes, and autocast's bfloat16 copies of them are not made
+    plain = min(fp32, mixed)
+    card = _card((plain + bf16) / 2 / 0.9 / 2**30)  # the float32 base does not fit, a bfloat16 one does
+    assert plan(DeepFrozen(), batch, card, allow_bf16_base=False).chosen is None
+    assert plan(DeepFrozen(), batch, card, precisions=("32-true",)).chosen is None  # exact under bf16 autocast only
+    for kwargs in ({}, {"allow_low_bit_base": True, "precisions": ("bf16-mixed",)}):  # NF4 fits too: bf16 is exact
+        result = plan(DeepFrozen(), batch, card, **kwargs)
+        chosen = result.chosen
+        assert chosen is not None and chosen.base_bits == 16 and chosen.precision == "bf16-mixed", result.table()
+        assert "bf16 frozen base" in chosen.label and tensor_peak(chosen) == bf16  # traced with the base converted
+    assert "callbacks.lowvram_low_bit_base.bits=16" in result.overrides()
+    callbacks = plan_callbacks(result)
+    assert any(isinstance(c, LowBitBaseCallback) and c.bits == 16 for c in callbacks)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(16, 64), torch.randint(0, 10, (16,))), batch_size=8
+    )
+
+    def fit(callbacks, budget=None):
+        torch.manual_seed(0)
+        model = DeepFrozen()
+        trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=callbacks, **result.trainer_kwargs())
+        with memory_budget(budget, device="cpu") if budget else contextlib.nullcontext():
+            trainer.fit(model, data)
+        return model
+
+    with pytest.raises(torch.OutOfMemoryError):
+        fit([], card)  # the float32 base does not fit the emulated card
+    planned, reference = fit(plan_callbacks(result), card), fit([])
+    assert torch.equal(planned.adapter.weight, reference.adapter.weight)  # the plain bf16-mixed steps, to the bit
+    assert torch.equal(planned.head.weight, reference.head.weight)
 
 
 def _state_heavy():  # parameters and AdamW state outweigh the activations of 4 x 16 tokens

@@ -66,6 +66,29 @@ def test_a_bf16_true_estimate_matches_the_meter(name, load, lora):
     assert abs(estimate.peak - measured) <= 0.05 * measured, (estimate, measured)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_bf16_base_estimate_matches_the_meter(name):
+    """A bfloat16 frozen base under float32 LoRA adapters, bf16-mixed (LowBitBaseCallback(bits=16); issue 23, item 4)."""
+    from lightning_lowvram import LowBitBaseCallback
+
+    def module():
+        torch.manual_seed(0)
+        return HFModule(get_peft_model(hf_model(name), LoraConfig(r=4, target_modules="all-linear")))
+
+    loader = hf_batches(name)
+    report = MemoryReportCallback(stages=["fit"], print_table=False)
+    callbacks = [LowBitBaseCallback(bits=16), AutoMicroBatchCallback(micro_batch_size=4), report]
+    quiet_trainer(max_steps=3, precision="bf16-mixed", callbacks=callbacks).fit(module(), loader)
+    measured = report.reports["fit"].total
+    estimate = estimate_step_memory(
+        module(), next(iter(loader)), micro_batch_size=4, precision="bf16-mixed", bf16_base=True
+    )  # fmt: skip
+    assert estimate.method == "fake"
+    assert abs(estimate.peak - measured) <= 0.05 * measured, (estimate, measured)
+    with pytest.raises(ValueError, match="precision='32-true'"):
+        estimate_step_memory(module(), next(iter(loader)), bf16_base=True)
+
+
 class _Logging(HFModule):
     """Logs as many users do: a Python float of the loss, and a list of per-row token counts."""
 
