@@ -28,12 +28,12 @@ class LowBitBaseCallback(Callback):
     """Store every frozen Linear / HF ``Conv1D`` weight in ``bits`` bits before the stage runs; adapters stay float.
 
     For LoRA-style fine-tuning (peft's ``get_peft_model`` freezes the base; so does ``requires_grad_(False)`` on your
-    own base): the frozen weights take 4.25 bits (NF4, torchao), 8 bits (int8 weight-only) or 16 (bfloat16) instead
-    of 32, gradients still reach the adapters through them. The conversion happens once, in ``setup`` (before the optimizer exists, and
-    before a checkpoint's weights are loaded, so a checkpoint saved with the callback loads into a fresh module with
-    it), in host memory when the module is still on the CPU: the float weights and the conversion's scratch never
-    reach the card. Checkpoints keep the base in 4 bits as plain tensors (``pack_low_bit``: weights-only loadable),
-    with the adapters and optimizer state. The bytes before and after go to the loggers
+    own base): the frozen weights take 4.25 bits (NF4, torchao), 8 bits (int8 weight-only) or 16 (bfloat16) instead of
+    32, gradients still reach the adapters through them. The conversion happens once, in ``setup`` (before the optimizer
+    exists, and before a checkpoint's weights are loaded, so a checkpoint saved with the callback loads into a fresh
+    module with it), in host memory when the module is still on the CPU: the float weights and the conversion's scratch
+    never reach the card. Checkpoints keep the base in 4 bits as plain tensors (``pack_low_bit``: weights-only
+    loadable), with the adapters and optimizer state. The bytes before and after go to the loggers
     (``lowvram/low_bit_base/bytes`` and ``.../ratio``) and the summary.
 
     The one trap: with 4 or 8 bits the base's numerics change (NF4 keeps about 9 % relative error per weight on

@@ -10,8 +10,8 @@ from torch import nn
 from lightning_lowvram import FSDP2Strategy, GPUProfile, format_bytes, memory_budget, plan_callbacks
 from lightning_lowvram.demo import DigitsMLP, TinyGPT, TinyTextDataModule
 from lightning_lowvram.planner import estimate_step_memory, plan
-from lightning_lowvram.planner.estimate import PRECISIONS
 from lightning_lowvram.planner.chart import chart
+from lightning_lowvram.planner.estimate import PRECISIONS
 from lightning_lowvram.planner.search import tensor_peak
 from lightning_lowvram.planner.timing import traffic_of
 from tests.helpers import quiet_trainer

@@ -68,7 +68,7 @@ def test_a_bf16_true_estimate_matches_the_meter(name, load, lora):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_a_bf16_base_estimate_matches_the_meter(name):
-    """A bfloat16 frozen base under float32 LoRA adapters, bf16-mixed (LowBitBaseCallback(bits=16); issue 23, item 4)."""
+    """A bfloat16 frozen base under float32 LoRA adapters, bf16-mixed (LowBitBaseCallback(bits=16), issue 23)."""
     from lightning_lowvram import LowBitBaseCallback
 
     def module():
