@@ -6,11 +6,13 @@ modelled as ``LowBitBaseCallback(bits=4)`` stores it, r=32 on all linear layers,
 bf16-mixed compute), batch 1, checkpointing.
 Both built on the meta device (no weights in RAM). "before": the landed head and loss (whole float32 logits);
 "chunked CE": ChunkedCrossEntropyCallback; "+ offload": and ActivationCheckpointingCallback(offload=True) (the
-checkpointed blocks' inputs in host memory). Predictions of ``planner.context.longest_sequence`` (multiples of 1024
+checkpointed blocks' inputs in host memory); "+ tiled MLP": and ``tile_mlp=True`` (the blocks' MLPs a tile of the
+sequence at a time). The NF4 base is modelled per phase (``lowbit.low_bit_phases``). Predictions of ``planner.context.longest_sequence`` (multiples of 1024
 tokens, margin 10 %); nothing here ran on a GPU. Unsloth's and HF+FA2's numbers are as published (ANCHORS.md),
 not measured.
 
-    python -m benchmarks.long_context
+    python -m benchmarks.long_context            # both models, every card
+    python -m benchmarks.long_context 8B rtx3060_12gb   # one model's rows, one card
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_lowvram.lowbit import low_bit_saving
+from lightning_lowvram.lowbit import low_bit_phases
 from lightning_lowvram.planner.context import longest_sequence
 
 CARDS = ("rtx4060_8gb", "rtx3060_12gb", "rtx4080_16gb", "rtx4090_24gb")
@@ -70,7 +72,7 @@ def llama_8b() -> CausalLMModule:
     return CausalLMModule(get_peft_model(model, LoraConfig(r=32, target_modules="all-linear")))
 
 
-def main(only: str | None = None) -> None:
+def main(only: str | None = None, card_only: str | None = None) -> None:
     print(f"# long_context — {datetime.date.today()} — {platform.machine()}, torch {torch.__version__}; predictions")
     batch = {"input_ids": torch.zeros(1, 1024, dtype=torch.long), "labels": torch.zeros(1, 1024, dtype=torch.long)}
     rows = []
@@ -81,28 +83,31 @@ def main(only: str | None = None) -> None:
         if only and only not in name:
             continue
         module = build()
-        saved, transient = low_bit_saving(module, bits) if bits else (0, 0)
         for card in CARDS:
+            if card_only and card != card_only:
+                continue
             cells = []
-            for chunked, offload in ((False, False), (True, False), (True, True)):
+            for chunked, offload, tiled in ((False, False, False), (True, False, False), (True, True, False),
+                                            (True, True, True)):  # fmt: skip
                 started = time.perf_counter()
+                saving = low_bit_phases(module, bits, chunked_head=chunked) if bits else 0
                 fit = longest_sequence(
-                    module, batch, card, step=1024, saving=saved - transient, activation_checkpointing=True,
-                    chunked_cross_entropy=chunked, offload_activations=offload, **kwargs,
+                    module, batch, card, step=1024, saving=saving, activation_checkpointing=True,
+                    chunked_cross_entropy=chunked, offload_activations=offload, tiled_mlp=tiled, **kwargs,
                 )  # fmt: skip
                 host = f", {fit.estimate.host / 2**30:.2f} GiB host" if fit.estimate and fit.estimate.host else ""
                 cells.append((f"{fit.tokens:,}" if fit.tokens else "none") + host)
                 print(f"  {name} {card}: {fit} [{time.perf_counter() - started:.0f} s]", flush=True)
             peers = f"{UNSLOTH_8B[card]:,} / {HF_FA2_8B[card]}" if bits else "-"
             rows.append(f"| {name} | {card} | {' | '.join(cells)} | {peers} |")
-    header = "| model | card | before: whole logits | chunked CE | chunked CE + offload "
+    header = "| model | card | before: whole logits | chunked CE | chunked CE + offload | + tiled MLP "
     header += "| 8B published: Unsloth / HF+FA2 |"
     print("\n" + header)
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
 if __name__ == "__main__":
     import sys
 
-    main(sys.argv[1] if len(sys.argv) > 1 else None)  # e.g. `8B`: that model's rows only
+    main(*sys.argv[1:3])  # e.g. `8B rtx3060_12gb`: that model's rows, that card

@@ -350,7 +350,32 @@ def dequant_bytes(numel: int, element_size: int, bits: Bits, rows: int = 0) -> i
     return numel * element_size + numel // NF4_BLOCK_SIZE * element_size + scratch
 
 
-def low_bit_saving(module: nn.Module, bits: Bits) -> tuple[int, int]:
+def low_bit_phases(module: nn.Module, bits: Bits, chunked_head: bool = False) -> dict[str, int]:
+    """Bytes a ``bits``-bit base takes off each phase's peak: what it saves less the dequantization running then.
+
+    Forward and backward hold the largest dequantization of a layer that runs in them (``dequant_bytes``); the
+    optimizer step none. With ``chunked_head`` (ChunkedCrossEntropyCallback) the causal LM's head runs its forward
+    and its backward inside the forward (the chunked loss computes its gradients there), so the backward's largest
+    dequantization is a block layer's, not the head's (for Llama-3.1-8B: 112 MiB instead of 1 GiB).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 2)).requires_grad_(False)
+        >>> phases = low_bit_phases(net, 4)
+        >>> phases["optimizer"] == low_bit_saving(net, 4)[0] > phases["forward"] == phases["backward"]
+        True
+
+    """
+    saved, everything = low_bit_saving(module, bits)
+    backward = everything
+    if chunked_head and bits != 16:
+        from lightning_lowvram.chunked_ce_hf import causal_lms
+
+        heads = {id(m.get_output_embeddings()) for m in causal_lms(module)}
+        backward = low_bit_saving(module, bits, skip=heads)[1]
+    return {"forward": saved - everything, "backward": saved - backward, "optimizer": saved}
+
+
+def low_bit_saving(module: nn.Module, bits: Bits, skip: set[int] | None = None) -> tuple[int, int]:
     """``(bytes saved, dequantization transient)`` if ``quantize_frozen_base(module, bits)`` ran, without running it.
 
     The same layers are converted (frozen, untied, NF4-blockable for 4 bits); 4 bits counted with :func:`nf4_bytes`,
@@ -358,7 +383,8 @@ def low_bit_saving(module: nn.Module, bits: Bits) -> tuple[int, int]:
     row (both checked against converted layers by ``tests/test_lowbit.py``). The transient is the largest layer's
     :func:`dequant_bytes`: what a planner adds back at the peak. 16 bits: half of each float32 weight and bias, and
     no transient (the planner traces a bfloat16 base instead: autocast's bfloat16 copies of float32 weights, which
-    the float base's step holds, are gone too).
+    the float base's step holds, are gone too). ``skip``: ids of layers whose transient is not counted (their saving
+    is).
     """
     tied = set(tied_layers(module))
     saved, largest = 0, 0
@@ -373,5 +399,6 @@ def low_bit_saving(module: nn.Module, bits: Bits) -> tuple[int, int]:
         rows = weight.shape[1] if is_conv1d(module.get_submodule(name)) else weight.shape[0]
         low = nf4_bytes(weight.numel()) if bits == 4 else weight.numel() + 5 * rows
         saved += weight.numel() * weight.element_size() - low
-        largest = max(largest, dequant_bytes(weight.numel(), weight.element_size(), bits, rows))
+        if skip is None or id(module.get_submodule(name)) not in skip:
+            largest = max(largest, dequant_bytes(weight.numel(), weight.element_size(), bits, rows))
     return saved, largest

@@ -30,7 +30,8 @@ def plan_callbacks(plan: Plan) -> list[Any]:
     if plan.chosen.micro_batch_size < plan.batch_size:
         out.append(AutoMicroBatchCallback(micro_batch_size=plan.chosen.micro_batch_size))
     if plan.chosen.activation_checkpointing:
-        out.append(ActivationCheckpointingCallback(offload=plan.chosen.offload_activations))
+        chosen = plan.chosen
+        out.append(ActivationCheckpointingCallback(offload=chosen.offload_activations, tile_mlp=chosen.tiled_mlp))
     if plan.chosen.optimizer_8bit:
         out.append(EightBitOptimizerCallback())
     if plan.chosen.base_bits:

@@ -30,13 +30,13 @@ class ContextFit:
     estimate: MemoryEstimate | None
     budget: int
     setting: str
-    saving: int = 0  # bytes taken off the estimate (a low-bit base modelled apart)
+    tensor_peak: int = 0  # the predicted tensor bytes at ``tokens`` (a low-bit base's saving, if given, taken off)
 
     def __str__(self) -> str:
         if not self.tokens:
             return f"no sequence of {self.setting} fits {format_bytes(self.budget)}"
         assert self.estimate is not None
-        peak = self.estimate.peak - self.estimate.allowance - self.saving
+        peak = self.tensor_peak
         return f"{self.tokens} tokens ({self.setting}): tensor peak {format_bytes(peak)} of {format_bytes(self.budget)}"
 
 
@@ -79,7 +79,7 @@ def longest_sequence(
     margin: float = 0.1,
     step: int = 256,
     max_tokens: int = 2**20,
-    saving: int = 0,
+    saving: int | dict[str, int] = 0,
     dim: int = 1,
     **estimate_kwargs: Any,
 ) -> ContextFit:
@@ -92,7 +92,8 @@ def longest_sequence(
         margin: Fraction of the card's tensor memory kept free (as ``plan``).
         step: Granularity of the answer, in tokens.
         max_tokens: Search no further.
-        saving: Bytes taken off every estimate (a low-bit frozen base modelled apart: ``lowbit.low_bit_saving``).
+        saving: Bytes taken off every estimate, or off each phase's peak (a low-bit frozen base modelled apart:
+            ``lowbit.low_bit_phases``).
         dim: 1: stretch the sequence; 0: the batch (the largest batch at the example's sequence, ``step`` samples).
         **estimate_kwargs: Settings for :func:`estimate_step_memory` (precision, activation_checkpointing,
             chunked_cross_entropy, optimizer_8bit, micro_batch_size...).
@@ -115,18 +116,20 @@ def longest_sequence(
     def peak(tokens: int) -> tuple[int, MemoryEstimate]:
         stretched = with_sequence(batch, tokens, example, dim)
         estimate = estimate_step_memory(module, stretched, gpu=profile, **estimate_kwargs)
+        if isinstance(saving, dict):
+            return max(v - saving.get(p, 0) for p, v in estimate.by_phase.items()), estimate
         return estimate.peak - estimate.allowance - saving, estimate
 
     lengths = [step, step * 2, step * 4] if dim == 0 else [step * 4, step * 8, step * 16]
     peaks = [peak(n)[0] for n in lengths]
     guess = min(_solve(lengths, peaks, budget), max_tokens)  # inf where the peak does not grow with the length
     tokens = max(step, int(guess) // step * step)
-    fits: dict[int, MemoryEstimate | None] = {}  # traced lengths that fit (their estimate)
+    fits: dict[int, tuple[int, MemoryEstimate]] = {}  # traced lengths that fit (their tensor peak and estimate)
 
     def fit(n: int) -> bool:
         bytes_, estimate = peak(n)
         if bytes_ <= budget:
-            fits[n] = estimate
+            fits[n] = bytes_, estimate
         return bytes_ <= budget
 
     # bracket the answer around the fitted guess (windows of 2 %, doubling), then bisect to ``step`` tokens
@@ -140,23 +143,32 @@ def longest_sequence(
     while hi - lo > step:
         middle = (lo + hi) // 2 // step * step
         lo, hi = (middle, hi) if fit(middle) else (lo, middle)
-    return ContextFit(lo, fits.get(lo), budget, setting or "as given", saving)  # lo == 0: nothing fits
+    bytes_, estimate = fits.get(lo, (0, None))
+    return ContextFit(lo, estimate, budget, setting or "as given", bytes_)  # lo == 0: nothing fits
 
 
 def frugal_settings(module: nn.Module, profile: GPUProfile) -> dict[str, Any]:
     """The settings that keep a step smallest, of those ``module`` and the card allow (for a "max context" report).
 
     Mixed precision (bf16 where the card has it), activation checkpointing (repeated blocks), their inputs offloaded
-    (a card with ``pcie_gbs``) and the chunked cross-entropy (a HF causal LM it reproduces).
+    (a card with ``pcie_gbs``) with the blocks' MLPs tiled, and the chunked cross-entropy (a HF causal LM it
+    reproduces).
     """
     from lightning_lowvram.checkpointing import repeated_blocks
     from lightning_lowvram.chunked_ce_hf import is_chunkable
+    from lightning_lowvram.tiled_mlp import mlp_modules
 
     blocks = bool(repeated_blocks(module))
+    offload = blocks and profile.pcie_gbs is not None
+    try:
+        mlps = bool(mlp_modules(module))
+    except ValueError:
+        mlps = False
     return {
         "precision": "bf16-mixed" if profile.bf16 else "16-mixed",
         "activation_checkpointing": blocks,
-        "offload_activations": blocks and profile.pcie_gbs is not None,
+        "offload_activations": offload,
+        "tiled_mlp": offload and mlps,
         "chunked_cross_entropy": is_chunkable(module),
     }
 

@@ -43,6 +43,7 @@ from lightning_lowvram.planner.cuda_rules import (
 from lightning_lowvram.planner.sharding import Offload, Sharding, ShardSpec, fake_world, offloaded, shard, shard_spec
 from lightning_lowvram.planner.timing import StepWork, WorkCounter
 from lightning_lowvram.planner.tracing import ScalarPlaceholders, has_meta_tensors, materialize_meta
+from lightning_lowvram.tiled_mlp import tile_mlps
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -115,6 +116,7 @@ def estimate_step_memory(
     chunked_cross_entropy: bool = False,
     offload_activations: bool = False,
     bf16_base: bool = False,
+    tiled_mlp: bool = False,
     gpu: str | GPUProfile | None = None,
     device: Literal["cpu", "cuda"] | None = None,
     devices: int = 1,
@@ -140,6 +142,8 @@ def estimate_step_memory(
             (``ActivationCheckpointingCallback(offload=True)``), traced: their bytes are in ``host``, not ``peak``.
         bf16_base: Frozen float32 Linear layers stored in bfloat16 (``LowBitBaseCallback(bits=16)``), traced on the
             copy; ``bf16-mixed`` only (where it computes the same step).
+        tiled_mlp: Each repeated block's MLP a tile of the sequence at a time, recomputed per tile in backward
+            (``ActivationCheckpointingCallback(tile_mlp=True)``, :mod:`lightning_lowvram.tiled_mlp`), traced.
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
             ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
@@ -186,7 +190,7 @@ def estimate_step_memory(
     micro = min(micro_batch_size or n, n)
     split = micro < n  # later micro-batches of a step run with the step's gradients already there
 
-    strategies = (activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base)
+    strategies = (activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled_mlp)
     step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, strategies, capability, spec)
     try:
         per_phase, work, state, moved = _run(*step, fake=True)
@@ -380,7 +384,7 @@ def _run(
     accumulating: bool,
     precision: str,
     optimizer: Any,
-    strategies: tuple[bool, bool, bool, bool],
+    strategies: tuple[bool, bool, bool, bool, bool],
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
@@ -393,7 +397,8 @@ def _run(
     The first step only creates the optimizer state (from zero gradients); the second runs one micro-batch (with the
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
 
-    ``strategies``: activation checkpointing, chunked cross-entropy, activation offload, a bfloat16 frozen base.
+    ``strategies``: activation checkpointing, chunked cross-entropy, activation offload, a bfloat16 frozen base,
+    tiled MLPs.
     ``capability``: the CUDA
     card's compute capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
     an FSDP2 job over a fake process group.
@@ -403,11 +408,13 @@ def _run(
     copied = _detached_copy(module, mode)
     if precision == "bf16-true":
         to_dtype(copied, torch.bfloat16)
-    activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base = strategies
+    activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled = strategies
     if bf16_base:
         from lightning_lowvram.lowbit import quantize_frozen_base
 
         quantize_frozen_base(copied, 16)
+    if tiled:
+        tile_mlps(copied)
     if activation_checkpointing:
         checkpoint_blocks(copied, offload=offload_activations)
     if chunked_cross_entropy:

@@ -11,7 +11,8 @@ and an int8 weight-only frozen base are modelled from the same traces: their byt
 step time is the float one's (8-bit AdamW measured 1.00x on an H200, ANCHORS.md; the int8 base is not measured).
 For a Hugging Face causal LM whose head and loss it reproduces, every setting but the plain one is traced with the
 chunked cross-entropy (ChunkedCrossEntropyCallback); when nothing fits, checkpointing with the blocks' inputs in
-host memory is tried too (its PCIe copies charged at ``GPUProfile.pcie_gbs``, no overlap assumed).
+host memory is tried too (its PCIe copies charged at ``GPUProfile.pcie_gbs``, no overlap assumed), and when that does
+not fit either, with the blocks' MLPs tiled along the sequence as well (:mod:`lightning_lowvram.tiled_mlp`, traced).
 
 Across ``devices`` cards each setting is also tried under DDP, FSDP2 ``grad_op`` and FSDP2 ``full`` (least traffic
 first), and FSDP2 with CPU offload when nothing fits on the cards: peaks per rank (``estimate_step_memory`` with
@@ -63,6 +64,7 @@ class Candidate:
     offload: str = "none"  # "params": FSDP2's CPU offload (FSDP2Strategy(cpu_offload=True))
     chunked_ce: bool = False  # a HF causal LM's head and loss in chunks (ChunkedCrossEntropyCallback)
     offload_activations: bool = False  # checkpointed blocks' inputs in host memory (ActivationCheckpointingCallback)
+    tiled_mlp: bool = False  # the blocks' MLPs a tile of the sequence at a time (ActivationCheckpointingCallback)
 
     @property
     def int8_base(self) -> bool:
@@ -87,6 +89,7 @@ class Candidate:
         parts += [names[self.base_bits]] if self.base_bits else []
         parts += ["checkpointing"] if self.activation_checkpointing else []
         parts += ["activations offloaded"] if self.offload_activations else []
+        parts += ["MLP tiled"] if self.tiled_mlp else []
         parts += ["chunked CE"] if self.chunked_ce else []
         return ", ".join(parts)
 
@@ -179,6 +182,8 @@ class Plan:
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
         if self.chosen.offload_activations:
             out += ["callbacks.lowvram_activation_checkpointing.offload=true"]
+        if self.chosen.tiled_mlp:
+            out += ["callbacks.lowvram_activation_checkpointing.tile_mlp=true"]
         if "lowvram_auto_micro_batch" in nodes:
             out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
         if self.chosen.base_bits:
@@ -198,7 +203,9 @@ def tensor_peak(candidate: Candidate) -> int:
 
 
 Layout = tuple[str, str]  # (sharding, offload)
-Ckpt = bool | str  # activation checkpointing: False, True, or "offload" (with the blocks' inputs in host memory)
+# activation checkpointing: False, True, "offload" (with the blocks' inputs in host memory) or "tiled" (offload and
+# the blocks' MLPs tiled along the sequence)
+Ckpt = bool | str
 
 
 def plan(
@@ -235,9 +242,9 @@ def plan(
         allow_int8_base: Frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
             ``LowBitBaseCallback(bits=8)`` does; off by default because it changes the base's numerics.
         allow_low_bit_base: Frozen Linear layers may be stored in 8 or 4 bits (NF4), as ``LowBitBaseCallback`` does;
-            the bytes are modelled (``lowbit.low_bit_saving``, byte for byte), plus what the largest layer's
-            dequantization holds while it runs (``lowbit.dequant_bytes``, measured); the step time is the float
-            base's (not modelled).
+            the bytes are modelled per phase (``lowbit.low_bit_phases``: the saving, byte for byte, less the largest
+            dequantization of a layer that runs in that phase, ``lowbit.dequant_bytes``, measured); the step time is
+            the float base's (not modelled).
         precisions: Precisions to consider; default float32 and the card's mixed precision (bf16, else fp16). Pass
             ``("32-true",)`` when you need float32 numerics.
         allow_chunked_ce: For a Hugging Face causal LM whose head and loss it reproduces exactly
@@ -286,13 +293,14 @@ def plan(
     allowed = [8] if allow_int8_base else []
     allowed = [8, 4] if allow_low_bit_base else allowed
     allowed += [16] if allow_bf16_base and "bf16-mixed" in precisions else []
-    savings = {bits: _base_saving(module, bits) for bits in allowed}
-    savings = {bits: saving for bits, saving in savings.items() if saving[0] > 0}
+    chunked = allow_chunked_ce and is_chunkable(module)
+    savings = {bits: _base_saving(module, bits, chunked) for bits in allowed}
+    savings = {bits: saving for bits, saving in savings.items() if saving["optimizer"] > 0}
     search = _Search(module, batch, profile, budget, n, savings, devices)
     sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
     first = "32-true" if "32-true" in precisions else precisions[0]
     candidates = [search.extrapolated(first, n, False, False, 0, ("none", "none"))]  # the plain setup
-    search.chunked = allow_chunked_ce and is_chunkable(module)
+    search.chunked = chunked
     skipped: list[str] = []
     layouts: list[Layout] = [("none", "none")] + ([("grad_op", "none"), ("full", "none")] if devices > 1 else [])
     for layout in layouts:  # least traffic first: what fits there bounds what more traffic could win
@@ -337,12 +345,14 @@ def _search_layout(
     checkpointing: list[Ckpt] = [False, True] if _has_blocks(search.module) else [False]
     if checkpointing[-1] and unsharded and search.profile.pcie_gbs is not None:
         checkpointing.append("offload")  # the checkpointed blocks' inputs in host memory, when nothing else fits
+        checkpointing += ["tiled"] if _has_mlps(search.module) else []  # and the MLPs tiled, when that does not
     eight_bit = [False, True] if unsharded and adam_optimizer(search.module) is not None else [False]
     base_bits = [0, *search.savings] if unsharded else [0]
     name = dataclasses.replace(candidates[0], devices=search.devices, sharding=layout[0], offload=layout[1]).layout
     for ckpt in checkpointing:  # without checkpointing first: it bounds what checkpointing could win
-        if ckpt == "offload" and any(c.fits for c in candidates):
-            skipped.append("activation offload (tried only when nothing fits on the card)")
+        if ckpt in ("offload", "tiled") and any(c.fits for c in candidates):
+            what = "activation offload" if ckpt == "offload" else "tiled MLPs"
+            skipped.append(f"{what} (tried only when nothing fits on the card)")
             continue
         for precision in precisions:
             if (ckpt or not unsharded) and _cannot_win(search, candidates, precision, n, layout):
@@ -364,7 +374,7 @@ def _rank(c: Candidate) -> tuple[float, int, int]:
     """
     changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit
     changes += {0: 0, 16: 1}.get(c.base_bits, 2)  # a base with changed numerics (int8, NF4) counts twice
-    changes += (c.sharding != "none") + (c.offload != "none") + c.chunked_ce + c.offload_activations
+    changes += (c.sharding != "none") + (c.offload != "none") + c.chunked_ce + c.offload_activations + c.tiled_mlp
     return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
 
 
@@ -387,11 +397,11 @@ class _Search:
         profile: GPUProfile,
         budget: int,
         n: int,
-        savings: dict[int, tuple[int, int]],
+        savings: dict[int, dict[str, int]],
         devices: int = 1,
     ) -> None:
         self.module, self.batch, self.profile, self.budget, self.n = module, batch, profile, budget, n
-        self.savings = savings  # bits -> (bytes a low-bit frozen base saves, the dequantization transient)
+        self.savings = savings  # bits -> bytes a low-bit frozen base takes off each phase (lowbit.low_bit_phases)
         self.devices = devices
         self.chunked = False  # trace with the chunked cross-entropy (every setting but the plain one, where it applies)
         self.cache: dict[tuple[str, int, Ckpt, Layout, bool, bool], MemoryEstimate] = {}
@@ -402,7 +412,8 @@ class _Search:
         if key not in self.cache:
             self.cache[key] = estimate_step_memory(
                 self.module, self.batch, micro_batch_size=micro, precision=precision,
-                activation_checkpointing=bool(ckpt), offload_activations=ckpt == "offload", gpu=self.profile,
+                activation_checkpointing=bool(ckpt), offload_activations=ckpt in ("offload", "tiled"),
+                tiled_mlp=ckpt == "tiled", gpu=self.profile,
                 devices=self.devices, sharding=layout[0],  # type: ignore[arg-type]
                 offload=layout[1], chunked_cross_entropy=self.chunked, bf16_base=bf16,  # type: ignore[arg-type]
             )  # fmt: skip
@@ -416,7 +427,7 @@ class _Search:
     @staticmethod
     def key(c: Candidate) -> tuple[str, int, Ckpt, bool, int, Layout]:
         layout = (c.sharding, c.offload)
-        ckpt: Ckpt = "offload" if c.offload_activations else c.activation_checkpointing
+        ckpt: Ckpt = "tiled" if c.tiled_mlp else ("offload" if c.offload_activations else c.activation_checkpointing)
         return c.precision, c.micro_batch_size, ckpt, c.optimizer_8bit, c.base_bits, layout
 
     def _candidate(
@@ -425,15 +436,23 @@ class _Search:
     ) -> Candidate:  # fmt: skip
         if optim8:
             estimate = with_8bit_optimizer(estimate, self.module)
-        if base_bits in (4, 8):  # modelled; a bfloat16 base is traced
-            saved, transient = self.savings[base_bits]
+        if base_bits in (4, 8):  # modelled per phase; a bfloat16 base is traced
+            off = self.savings[base_bits]
+            by_phase = {p: v - off[p] for p, v in estimate.by_phase.items()}
+            phase = max(by_phase, key=by_phase.__getitem__)
+            saved = off["optimizer"]
             by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - saved}
-            by_category["temporaries"] = by_category.get("temporaries", 0) + transient  # a layer's dequantization
-            estimate = dataclasses.replace(estimate, peak=estimate.peak - saved + transient, by_category=by_category)
+            # the peak phase's categories, with its layer's dequantization as a temporary
+            by_category["temporaries"] = by_category.get("temporaries", 0) + by_phase[phase] + saved - sum(
+                estimate.by_category.values()
+            )  # fmt: skip
+            estimate = dataclasses.replace(
+                estimate, peak=by_phase[phase] + estimate.allowance, by_category=by_category, by_phase=by_phase
+            )  # fmt: skip
         fits = estimate.peak - estimate.allowance <= self.budget
         return Candidate(
             precision, micro, bool(ckpt), optim8, base_bits, estimate, fits, seconds, traced, self.devices, *layout,
-            chunked_ce=self.chunked, offload_activations=ckpt == "offload",
+            chunked_ce=self.chunked, offload_activations=ckpt in ("offload", "tiled"), tiled_mlp=ckpt == "tiled",
         )  # fmt: skip
 
     def copies(self, offloaded: float) -> float:
@@ -486,11 +505,20 @@ class _Search:
         return self._candidate(precision, micro, ckpt, optim8, base8, layout, estimate, seconds, False)
 
 
-def _base_saving(module: nn.Module, bits: int) -> tuple[int, int]:
-    """Bytes a ``bits``-bit frozen base saves, and its largest dequantization transient (``low_bit_saving``)."""
-    from lightning_lowvram.lowbit import low_bit_saving
+def _base_saving(module: nn.Module, bits: int, chunked: bool) -> dict[str, int]:
+    """Bytes a ``bits``-bit frozen base takes off each phase's peak (``lowbit.low_bit_phases``)."""
+    from lightning_lowvram.lowbit import low_bit_phases
 
-    return low_bit_saving(module, bits)  # type: ignore[arg-type]
+    return low_bit_phases(module, bits, chunked_head=chunked)  # type: ignore[arg-type]
+
+
+def _has_mlps(module: nn.Module) -> bool:
+    from lightning_lowvram.tiled_mlp import mlp_modules
+
+    try:
+        return bool(mlp_modules(module))
+    except ValueError:
+        return False
 
 
 def _has_blocks(module: nn.Module) -> bool:
