@@ -7,9 +7,9 @@ bf16-mixed compute), batch 1, checkpointing.
 Both built on the meta device (no weights in RAM). "before": the landed head and loss (whole float32 logits);
 "chunked CE": ChunkedCrossEntropyCallback; "+ offload": and ActivationCheckpointingCallback(offload=True) (the
 checkpointed blocks' inputs in host memory); "+ tiled MLP": and ``tile_mlp=True`` (the blocks' MLPs a tile of the
-sequence at a time). The NF4 base is modelled per phase (``lowbit.low_bit_phases``). Predictions of ``planner.context.longest_sequence`` (multiples of 1024
-tokens, margin 10 %); nothing here ran on a GPU. Unsloth's and HF+FA2's numbers are as published (ANCHORS.md),
-not measured.
+sequence at a time). The NF4 base is modelled per phase (``lowbit.low_bit_phases``). Predictions of
+``planner.context.longest_sequence`` (multiples of 1024 tokens, margin 10 %); nothing here ran on a GPU. Unsloth's
+and HF+FA2's numbers are as published (ANCHORS.md), not measured.
 
     python -m benchmarks.long_context            # both models, every card
     python -m benchmarks.long_context 8B rtx3060_12gb   # one model's rows, one card
