@@ -254,9 +254,8 @@ def plan(
             chunked step slower (and picks it only when the plain loss does not fit).
         allow_bf16_base: Under ``bf16-mixed``, frozen float32 Linear layers may be stored in bfloat16
             (``LowBitBaseCallback(bits=16)``): the same step to the bit (autocast computes with bfloat16 copies of
-            them anyway), half their bytes (modelled, ``lowbit.low_bit_saving``); adapters and their optimizer state
-            stay float32; traced with the base converted on the copy (the bfloat16 copies autocast no longer makes
-            are gone from the peak and the time).
+            them anyway), half their bytes; adapters and their optimizer state stay float32. Traced with the base
+            converted on the copy (the bfloat16 copies autocast no longer makes are gone from the peak and the time).
 
     Raises:
         ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput (or, for
