@@ -473,7 +473,7 @@ def test_plan_with_max_context_reports_the_longest_sequence_and_largest_batch(tm
         )  # fmt: skip
     )
     sequence, batch = summary["max_context"]
-    settings = "bf16-mixed, activation checkpointing, offload activations, chunked cross entropy"
+    settings = "bf16-mixed, activation checkpointing, offload activations, tiled mlp, chunked cross entropy"
     assert sequence.startswith(f"longest sequence that fits rtx3060_12gb ({settings}, batch as given): ")
     tokens = int(sequence.rsplit(": ", 1)[1].split()[0])
     assert tokens >= 2048 and tokens % 256 == 0
