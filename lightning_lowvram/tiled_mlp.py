@@ -28,9 +28,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -192,22 +194,14 @@ def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]
     return torch.get_rng_state(), cuda
 
 
-class _rng_restored:  # noqa: N801 - a context manager
-    """The RNG state of the forward for the recompute; the caller's state afterwards, as checkpointing does."""
-
-    def __init__(self, device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        self.device, self.state = device, state
-
-    def __enter__(self) -> None:
-        self.saved = _rng_state(self.device)
-        torch.set_rng_state(self.state[0])
-        if self.state[1] is not None:
-            torch.cuda.set_rng_state(self.state[1], self.device)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_rng_state(self.saved[0])
-        if self.saved[1] is not None:
-            torch.cuda.set_rng_state(self.saved[1], self.device)
+@contextlib.contextmanager
+def _rng_restored(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> Iterator[None]:
+    """The RNG state of the forward for the recompute; the caller's afterwards (``torch.random.fork_rng``)."""
+    with torch.random.fork_rng(devices=[device] if state[1] is not None else [], device_type=device.type):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:

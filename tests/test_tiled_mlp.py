@@ -108,7 +108,7 @@ def test_the_meter_sees_a_fraction_of_the_checkpointed_step_and_the_estimate_mat
         return report.reports["fit"].total, checkpointing, module
 
     (plain, _, reference), (tiled, callback, module) = fit(False), fit(True)
-    assert tiled <= 0.6 * plain, (tiled, plain)  # measured 0.4x here
+    assert tiled <= 0.6 * plain, (tiled, plain)  # measured 0.19x here
     assert "4 MLPs tiled" in callback.summary()
     for (name, p), q in zip(reference.named_parameters(), module.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)  # the same training
