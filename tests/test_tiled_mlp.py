@@ -114,9 +114,7 @@ def test_the_meter_sees_a_fraction_of_the_checkpointed_step_and_the_estimate_mat
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)  # the same training
     settings = {"activation_checkpointing": True, "offload_activations": True, "chunked_cross_entropy": True}
     estimate = estimate_step_memory(_mlp_heavy(), next(iter(_long())), tiled_mlp=True, **settings)
-    # the safe side, by at most one 2048 x 2048 float32 tensor: traced on fake tensors, transformers builds an explicit
-    # causal mask (its is_tracing() counts FakeTensors) that the real run, with is_causal=True, never allocates
-    assert tiled <= estimate.peak <= tiled + 2048 * 2048 * 4, (estimate, tiled)
+    assert abs(estimate.peak - tiled) <= 0.01 * tiled, (estimate, tiled)
 
 
 def test_a_mixture_of_experts_and_bad_settings_are_refused_by_name():
@@ -143,13 +141,16 @@ def test_the_planner_tiles_the_mlps_when_offloading_the_inputs_is_not_enough():
     from lightning_lowvram import gpu_profile, plan, plan_callbacks
 
     batch = next(iter(_long()))
-    settings = {"activation_checkpointing": True, "offload_activations": True, "chunked_cross_entropy": True}
+    # bf16-mixed, as long-context runs are: in float32 the CUDA rules run this GQA model's attention on the math
+    # kernel (the memory-efficient one takes no grouped-query inputs), whose L x L scores then rule the peak
+    settings = {"activation_checkpointing": True, "offload_activations": True, "chunked_cross_entropy": True,
+                "precision": "bf16-mixed"}  # fmt: skip
     card = dataclasses.replace(gpu_profile("rtx3060_12gb"), context_mib=0)
     offloaded = estimate_step_memory(_mlp_heavy(), batch, gpu=card, **settings).peak
     tiled = estimate_step_memory(_mlp_heavy(), batch, gpu=card, tiled_mlp=True, **settings).peak
     assert tiled < 0.6 * offloaded
     card = dataclasses.replace(card, memory_gib=(offloaded + tiled) / 2 / 0.9 / 2**30)
-    result = plan(_mlp_heavy(), batch, card, precisions=("32-true",))
+    result = plan(_mlp_heavy(), batch, card, precisions=("bf16-mixed",), allow_bf16_base=False)
     chosen = result.chosen
     assert chosen is not None and chosen.tiled_mlp and chosen.offload_activations, result.table()
     assert "MLP tiled" in chosen.label and chosen.estimate.peak == tiled

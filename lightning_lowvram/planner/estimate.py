@@ -12,6 +12,10 @@ context/workspace allowance (``GPUProfile.context_mib``), CUDA autocast's op lis
 and cuDNN's workspaces. Against the one GPU measurement there is (an H200, issue 12: HF GPT-2 small whole,
 micro-batched, checkpointed, fp32 and bf16; resnet18 fp32 and bf16) the estimates are -0.8 % to +1.7 %
 (``benchmarks/estimate_vs_h200``); other families and cards are unverified on a GPU.
+
+A model with one stack of repeated blocks (a transformer's layers) is traced cut to two and three of them and
+extrapolated to all (:mod:`.blocks`: the same bytes and work, tested against whole traces); an example batch's masks
+are read first, so the trace builds the attention masks the real step builds and no others (:mod:`.tracing`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from torch.utils._pytree import tree_map_only
 from lightning_lowvram.batching import batch_size_of, slice_batch
 from lightning_lowvram.checkpointing import checkpoint_blocks, host_offload
 from lightning_lowvram.chunked_ce_hf import apply_chunked_cross_entropy
-from lightning_lowvram.memory.meter import MemoryMeter
+from lightning_lowvram.memory.meter import MemoryMeter, MemoryStats
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
+from lightning_lowvram.planner.blocks import BlockStack, affine, block_stack, extrapolate_ops, keep_blocks
 from lightning_lowvram.planner.cuda_rules import (
     DEFAULT_CAPABILITY,
     CudaKernels,
@@ -42,7 +47,14 @@ from lightning_lowvram.planner.cuda_rules import (
 )
 from lightning_lowvram.planner.sharding import Offload, Sharding, ShardSpec, fake_world, offloaded, shard, shard_spec
 from lightning_lowvram.planner.timing import StepWork, WorkCounter
-from lightning_lowvram.planner.tracing import ScalarPlaceholders, has_meta_tensors, materialize_meta
+from lightning_lowvram.planner.tracing import (
+    ScalarPlaceholders,
+    has_meta_tensors,
+    hf_masks_as_run,
+    materialize_meta,
+    unpacked,
+    unpadded,
+)
 from lightning_lowvram.tiled_mlp import tile_mlps
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
@@ -69,6 +81,8 @@ class MemoryEstimate:
         host: Bytes one rank keeps in host memory instead (offload), not in ``peak``.
         offloaded_activations: The part of ``host`` that is checkpointed blocks' saved inputs (``offload_activations``):
             copied to the host in forward and back in backward.
+        traced_blocks: ``(low, high, count)`` when the step was traced with ``low`` and ``high`` of the model's
+            ``count`` repeated blocks and extrapolated (:mod:`.blocks`); ``None``: the whole model was traced.
 
     """
 
@@ -83,6 +97,7 @@ class MemoryEstimate:
     devices: int = 1
     host: int = 0
     offloaded_activations: int = 0  # of ``host``: checkpointed blocks' inputs kept in host memory (copied out and in)
+    traced_blocks: tuple[int, int, int] | None = None  # (low, high, all): traced with low and high blocks, extrapolated
 
     def fits(self, budget: int, margin: float = 0.1) -> bool:
         """Whether the peak stays below ``budget`` with a ``margin`` (fraction of the budget) to spare."""
@@ -122,6 +137,7 @@ def estimate_step_memory(
     devices: int = 1,
     sharding: Sharding = "none",
     offload: Offload = "none",
+    extrapolate_blocks: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of ``module``'s training step on ``batch``, without running it for real.
 
@@ -155,6 +171,9 @@ def estimate_step_memory(
         offload: ``"params"`` (FSDP2's CPU offload: sharded parameters, gradients and optimizer state, and the
             optimizer step, in host memory) or ``"optimizer"`` (its state and step only): those bytes move from
             ``peak`` to ``host`` (modelled per phase, :func:`.sharding.offloaded`).
+        extrapolate_blocks: Trace the model cut to 2 and 3 of its repeated blocks (2p and 3p for a pattern of
+            period p) and extrapolate to all of them (:mod:`.blocks`; the same bytes, several times faster on deep
+            models); ``False``, or blocks that do not repeat: trace the whole model.
 
     Raises:
         ValueError: For an unknown precision or GPU, a non-positive micro-batch size, or a batch the module's
@@ -193,13 +212,13 @@ def estimate_step_memory(
     strategies = (activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled_mlp)
     step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, strategies, capability, spec)
     try:
-        per_phase, work, state, moved = _run(*step, fake=True)
+        per_phase, work, state, moved, traced = _traced(step, extrapolate_blocks)
         method = "fake"
     except _UNTRACEABLE as err:
         # an op fake tensors cannot run (data-dependent shapes...): measure the same step for real on this machine
         _real_run_instead(module, err)
         per_phase, work, state, moved = _run(*step, fake=False)
-        method = "measured"
+        method, traced = "measured", None
     allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
     device_phases, host = offloaded(per_phase, spec.offload if spec else "none", *state)
     peak_phase = max(device_phases, key=lambda p: sum(device_phases[p].values()))
@@ -218,6 +237,7 @@ def estimate_step_memory(
         devices=spec.devices if spec else 1,
         host=host + moved,
         offloaded_activations=moved,
+        traced_blocks=traced,
     )
     return with_8bit_optimizer(estimate, module, optimizer) if optimizer_8bit else estimate
 
@@ -378,6 +398,36 @@ _UNTRACEABLE = (
 )
 
 
+def _traced(step: tuple[Any, ...], extrapolate: bool) -> tuple[Any, StepWork, Any, int, tuple[int, int, int] | None]:
+    """``_run`` on fake tensors: of the whole model, or of 2p and 3p of its blocks and extrapolated (:mod:`.blocks`).
+
+    Falls back to the whole model where the two traces are not two points of one line (a phase's bytes fall with
+    more blocks, or the fewer blocks' ops are not part of the more blocks' ops).
+    """
+    stack = block_stack(step[0]) if extrapolate else None
+    if stack is None:
+        return (*_run(*step, fake=True), None)
+    low_count, high_count = stack.samples()
+    low = _run(*step, fake=True, blocks=(stack, low_count))
+    high = _run(*step, fake=True, blocks=(stack, high_count))
+    steps = (stack.count - high_count) // stack.period
+    per_phase: dict[str, MemoryStats] = {}
+    for phase, stats in high[0].items():
+        before = low[0].get(phase)
+        if before is None or before.total > stats.total:
+            return (*_run(*step, fake=True), None)
+        categories = {k: affine(before.by_category.get(k, 0), v, steps) for k, v in stats.by_category.items()}
+        per_phase[phase] = MemoryStats(affine(before.total, stats.total, steps), categories)
+    micro = extrapolate_ops(low[1].micro, high[1].micro, steps)
+    updates = extrapolate_ops(low[1].optimizer, high[1].optimizer, steps)
+    if micro is None or updates is None:
+        return (*_run(*step, fake=True), None)
+    (p_low, g_low, _), (p_high, g_high, largest) = low[2], high[2]
+    state = (affine(p_low, p_high, steps), affine(g_low, g_high, steps), largest)
+    moved = affine(low[3], high[3], steps)
+    return per_phase, StepWork(micro, updates), state, moved, (low_count, high_count, stack.count)
+
+
 def _run(
     module: nn.Module,
     batch: Any,
@@ -388,6 +438,7 @@ def _run(
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
+    blocks: tuple[BlockStack, int] | None = None,
 ) -> tuple[dict[str, Any], StepWork, tuple[int, int, int], int]:
     """Two optimizer steps of a copy of ``module``, metered per phase; the second's work counted.
 
@@ -401,11 +452,13 @@ def _run(
     tiled MLPs.
     ``capability``: the CUDA
     card's compute capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
-    an FSDP2 job over a fake process group.
+    an FSDP2 job over a fake process group. ``blocks``: cut the copy to that many of the stack's blocks.
     """
     cuda = capability is not None
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     copied = _detached_copy(module, mode)
+    if blocks is not None:
+        keep_blocks(copied, *blocks)
     if precision == "bf16-true":
         to_dtype(copied, torch.bfloat16)
     activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled = strategies
@@ -432,6 +485,7 @@ def _run(
     kernels = CudaKernels(capability, attention=fake) if cuda else contextlib.nullcontext()
     policy = cuda_autocast_policy() if cuda else contextlib.nullcontext()
     sharded = spec is not None and spec.sharding != "none"
+    masks = (fake and unpadded(batch), fake and unpacked(batch))  # read on the real batch, before the fake mode
     world = fake_world(spec.devices) if sharded else contextlib.nullcontext()
     with (
         world as mesh,
@@ -440,6 +494,7 @@ def _run(
         kernels,
         policy,
         ScalarPlaceholders() if fake else contextlib.nullcontext(),
+        hf_masks_as_run(*masks),
         warnings.catch_warnings(),
     ):
         # FSDP2 warns of in-place ops on a unit's view outputs, once per trace; the real run warns the user itself

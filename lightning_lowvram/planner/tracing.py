@@ -7,10 +7,16 @@
 - ``materialize_meta``: parameters and buffers on the ``meta`` device (``with torch.device("meta"):``, accelerate's
   ``init_empty_weights``) become fake CPU tensors of the same shape, dtype and ``requires_grad``, ties kept, so a model
   too big for this machine's memory is traced without its weights ever existing.
+- ``hf_masks_as_run``: transformers skips an all-ones attention mask and unpacked positions (SDPA then runs with
+  ``is_causal=True``, or with no mask for an encoder) only when it can read their values, which a fake tensor has
+  not; the real run would skip them, so the trace is told what the example batch holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -87,3 +93,82 @@ def materialize_meta(module: nn.Module, mode: Any) -> nn.Module:
             if buffer is not None and buffer.is_meta:
                 mod._buffers[name] = fake_cpu(buffer, False)
     return module
+
+
+def _batch_tensors(batch: Any, key: str) -> list[torch.Tensor]:
+    """The tensors under ``key`` in ``batch``'s mappings, at any depth (a Hugging Face batch's keys)."""
+    if isinstance(batch, Mapping):
+        found = [v for k, v in batch.items() if k == key and isinstance(v, torch.Tensor)]
+        return found + [t for k, v in batch.items() if k != key for t in _batch_tensors(v, key)]
+    if isinstance(batch, list | tuple):
+        return [t for value in batch for t in _batch_tensors(value, key)]
+    return []
+
+
+def unpadded(batch: Any) -> bool:
+    """Whether ``batch`` has an ``attention_mask`` and every one is all ones (no padding).
+
+    Example:
+        >>> unpadded({"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)})
+        True
+        >>> unpadded({"input_ids": torch.ones(2, 3), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])})
+        False
+
+    """
+    masks = _batch_tensors(batch, "attention_mask")
+    return bool(masks) and all(not m.is_meta and bool(m.all()) for m in masks)
+
+
+def unpacked(batch: Any) -> bool:
+    """Whether ``batch``'s ``position_ids``, if it has any, count up by one along each row (one sequence per row).
+
+    A batch without them is unpacked: the model numbers the positions itself (``arange``).
+
+    Example:
+        >>> unpacked({"input_ids": torch.ones(1, 4)}), unpacked({"position_ids": torch.tensor([[0, 1, 0, 1]])})
+        (True, False)
+
+    """
+    positions = _batch_tensors(batch, "position_ids")
+    return all(not p.is_meta and bool((p.diff(dim=-1) == 1).all()) for p in positions)
+
+
+@contextlib.contextmanager
+def hf_masks_as_run(unpadded: bool, unpacked: bool) -> Iterator[None]:
+    """Make the mask builder of transformers, on fake tensors, skip the masks the real step would skip.
+
+    transformers leaves SDPA's mask out (``is_causal=True``, or no mask for an encoder; on CUDA the flash kernel
+    needs that) only when it can read the values of the 2-D ``attention_mask`` (all ones?) and of the position ids
+    (packed sequences?), which a fake tensor has not (its ``is_tracing`` counts FakeTensors): traced, it builds a
+    ``[batch, 1, q, kv]`` mask the real step never does. So the answers are read from the real example batch first
+    (:func:`unpadded`, :func:`unpacked`; before entering the fake mode) and given to it: a fake padding mask of an
+    unpadded batch is passed on as ``None``, which is what all ones mean to those functions, and the packed-sequence
+    check of an unpacked batch finds none, as it would. A padded or packed batch keeps the mask, as for real; masks
+    not under ``attention_mask`` are kept too (the safe side). Nothing happens where transformers is not imported.
+    """
+    masking = sys.modules.get("transformers.masking_utils")
+    replacements: dict[str, Any] = {}
+    if masking is not None:
+        for name in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"):
+            if unpadded and hasattr(masking, name):
+                replacements[name] = _fake_as_none(getattr(masking, name))
+        if unpacked and hasattr(masking, "find_packed_sequence_indices"):
+            original = masking.find_packed_sequence_indices
+            replacements["find_packed_sequence_indices"] = lambda p, *a, **k: (
+                None if isinstance(p, FakeTensor) else original(p, *a, **k)
+            )
+    originals = {name: getattr(masking, name) for name in replacements}
+    for name, replacement in replacements.items():
+        setattr(masking, name, replacement)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(masking, name, original)
+
+
+def _fake_as_none(original: Any) -> Any:
+    def skip(padding_mask: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(None if isinstance(padding_mask, FakeTensor) else padding_mask, *args, **kwargs)
+
+    return skip

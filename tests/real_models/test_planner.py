@@ -111,6 +111,61 @@ def test_a_step_that_logs_python_numbers_is_traced_like_any_other(name):
     assert logged.peak == plain.peak
 
 
+def _unpadded(name, mask, seq=128, packed=False):
+    """2 rows without padding, with or without the all-ones ``attention_mask`` a tokenizer returns; ``packed``: two
+    sequences per row, told by ``position_ids`` that restart (as packing collators give them)."""
+    ids = torch.randint(1, 64, (2, seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1]) if name == "bert" else ids}
+    if packed:
+        batch["position_ids"] = torch.arange(seq).remainder(seq // 2).expand(2, -1)
+    return {**batch, "attention_mask": torch.ones_like(ids)} if mask else batch
+
+
+def _fit_peak(module, batch, callbacks=()):
+    from torch.utils.data import DataLoader
+
+    report = MemoryReportCallback(stages=["fit"], print_table=False)
+    loader = DataLoader([batch], batch_size=None)
+    quiet_trainer(max_steps=2, callbacks=[*callbacks, report]).fit(module, loader)
+    return report.reports["fit"].total
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("name", HF_NAMES)
+def test_masks_the_real_step_skips_are_skipped_in_the_trace(name, checkpointing):
+    """transformers leaves SDPA's mask out (``is_causal=True``, or none for BERT) for an all-ones ``attention_mask``
+    and for positions that are not packed, but only where it can read their values; on fake tensors it cannot, and
+    the trace built the ``[2, 1, 128, 128]`` mask the real step never does: +16 % on Llama, +12 % on BERT, +5 % on
+    GPT-2 here, and a checkpointed HF model without an attention mask (no cache: the packed-sequence check runs)
+    over by 5 bytes per token squared, the mask also keeping the CUDA rules off the flash kernel."""
+    from lightning_lowvram import ActivationCheckpointingCallback
+
+    settings = {"activation_checkpointing": checkpointing}
+    callbacks = [ActivationCheckpointingCallback()] if checkpointing else []
+    for mask in (True, False):
+        batch = _unpadded(name, mask)
+        measured = _fit_peak(HFModule(hf_model(name)), batch, callbacks)
+        estimate = estimate_step_memory(HFModule(hf_model(name)), batch, **settings)
+        assert abs(estimate.peak - measured) <= 0.01 * measured, (mask, estimate, measured)
+    for gpu in (None, "rtx3060_12gb"):  # the step with the all-ones mask is the step without it, under either rules
+        with_mask = estimate_step_memory(HFModule(hf_model(name)), _unpadded(name, True), gpu=gpu, **settings)
+        without = estimate_step_memory(HFModule(hf_model(name)), _unpadded(name, False), gpu=gpu, **settings)
+        assert with_mask.peak == without.peak, (gpu, with_mask, without)
+
+
+def test_packed_sequences_keep_their_mask_in_the_trace_as_in_the_real_step():
+    """Position ids that restart mean packed sequences: the real step builds the block mask, and so does the trace."""
+    from lightning_lowvram import ActivationCheckpointingCallback
+
+    batch = _unpadded("llama", mask=False, packed=True)
+    measured = _fit_peak(HFModule(hf_model("llama")), batch, [ActivationCheckpointingCallback()])
+    estimate = estimate_step_memory(HFModule(hf_model("llama")), batch, activation_checkpointing=True)
+    unpacked = _unpadded("llama", mask=False)
+    unpacked = estimate_step_memory(HFModule(hf_model("llama")), unpacked, activation_checkpointing=True)
+    assert abs(estimate.peak - measured) <= 0.01 * measured, (estimate, measured)
+    assert estimate.peak > unpacked.peak  # the mask is there
+
+
 def _empty(name, how):
     """The model of ``hf_model(name)`` built without weights: on the meta device or by accelerate."""
     config = hf_model(name).config
