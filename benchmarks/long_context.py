@@ -8,7 +8,8 @@ Both built on the meta device (no weights in RAM). "before": the landed head and
 "chunked CE": ChunkedCrossEntropyCallback; "+ offload": and ActivationCheckpointingCallback(offload=True) (the
 checkpointed blocks' inputs in host memory); "+ tiled MLP": and ``tile_mlp=True`` (the blocks' MLPs a tile of the
 sequence at a time). The NF4 base is modelled per phase (``lowbit.low_bit_phases``). Predictions of
-``planner.context.longest_sequence`` (multiples of 1024 tokens, margin 10 %); nothing here ran on a GPU. Unsloth's
+``planner.context.longest_sequence`` (multiples of 1024 tokens, margin 10 %, at most the models' 131,072-token
+context); nothing here ran on a GPU. Unsloth's
 and HF+FA2's numbers are as published (ANCHORS.md), not measured.
 
     python -m benchmarks.long_context            # both models, every card
@@ -29,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lightning_lowvram.lowbit import low_bit_phases
 from lightning_lowvram.planner.context import longest_sequence
 
+CONTEXT = 131072  # both models' max_position_embeddings: the search stops there
 CARDS = ("rtx4060_8gb", "rtx3060_12gb", "rtx4080_16gb", "rtx4090_24gb")
 UNSLOTH_8B = {"rtx4060_8gb": 2972, "rtx3060_12gb": 21848, "rtx4080_16gb": 40724, "rtx4090_24gb": 78475}  # published
 HF_FA2_8B = {"rtx4060_8gb": "OOM", "rtx3060_12gb": 932, "rtx4080_16gb": 2551, "rtx4090_24gb": 5789}  # published
@@ -92,11 +94,12 @@ def main(only: str | None = None, card_only: str | None = None) -> None:
                 started = time.perf_counter()
                 saving = low_bit_phases(module, bits, chunked_head=chunked) if bits else 0
                 fit = longest_sequence(
-                    module, batch, card, step=1024, saving=saving, activation_checkpointing=True,
+                    module, batch, card, step=1024, saving=saving, activation_checkpointing=True, max_tokens=CONTEXT,
                     chunked_cross_entropy=chunked, offload_activations=offload, tiled_mlp=tiled, **kwargs,
                 )  # fmt: skip
                 host = f", {fit.estimate.host / 2**30:.2f} GiB host" if fit.estimate and fit.estimate.host else ""
-                cells.append((f"{fit.tokens:,}" if fit.tokens else "none") + host)
+                reached = "+ (the model's whole context)" if fit.tokens >= CONTEXT else ""
+                cells.append((f"{fit.tokens:,}{reached}" if fit.tokens else "none") + host)
                 print(f"  {name} {card}: {fit} [{time.perf_counter() - started:.0f} s]", flush=True)
             peers = f"{UNSLOTH_8B[card]:,} / {HF_FA2_8B[card]}" if bits else "-"
             rows.append(f"| {name} | {card} | {' | '.join(cells)} | {peers} |")

@@ -351,20 +351,15 @@ class CollectiveGuard:
         """Guard FSDP2's collectives in this block."""
         import torch.distributed as dist
 
-        originals = {name: getattr(dist, name) for name in self.NAMES if hasattr(dist, name)}
+        from lightning_lowvram._patching import patched
 
-        def guarded(original: Callable[..., Any]) -> Callable[..., Any]:
-            def collective(*args: Any, **kwargs: Any) -> Any:
-                if self.agree(False):
-                    raise PeerOutOfMemory("another rank ran out of memory in this attempt; retrying together")
-                return original(*args, **kwargs)
+        def collective(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if self.agree(False):
+                raise PeerOutOfMemory("another rank ran out of memory in this attempt; retrying together")
+            return original(*args, **kwargs)
 
-            return collective
-
-        for name, original in originals.items():
-            setattr(dist, name, guarded(original))
-        try:
+        with contextlib.ExitStack() as stack:
+            for name in self.NAMES:
+                if hasattr(dist, name):
+                    stack.enter_context(patched(dist, name, collective, wrap=True))
             yield
-        finally:
-            for name, original in originals.items():
-                setattr(dist, name, original)

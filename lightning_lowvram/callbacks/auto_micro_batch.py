@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_lowvram._metrics import snapshot_metrics
+from lightning_lowvram._patching import patch
 from lightning_lowvram.batching import (
     COUNTS,
     SliceFn,
@@ -26,7 +27,6 @@ from lightning_lowvram.batching import (
     micro_batch_bounds,
     slice_batch,
 )
-from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.micro_batching import (
     CollectiveGuard,
     GradientStore,
@@ -223,7 +223,7 @@ class AutoMicroBatchCallback(Callback):
 
     def _wrap(self, module: L.LightningModule, name: str, replacement: Callable[..., Any]) -> None:
         if name not in self._undo:
-            self._undo[name] = patch_method(module, name, replacement)
+            self._undo[name] = patch(module, name, replacement, wrap=True)
 
     # -- training -----------------------------------------------------------------------------------------------
     def _optimizer_zero_grad(self, original: Callable[..., Any], epoch: int, batch_idx: int, optimizer: Any) -> None:

@@ -18,8 +18,8 @@ from typing_extensions import override
 
 from lightning_lowvram._files import check_writable
 from lightning_lowvram._metrics import snapshot_metrics
+from lightning_lowvram._patching import patch
 from lightning_lowvram.batching import batch_size_of
-from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.lowbit import frozen_linear_layers, quantize_frozen_base
 from lightning_lowvram.quantization import (
     BACKENDS,
@@ -233,7 +233,7 @@ class DynamicQuantCallback(Callback):
             with torch.inference_mode():
                 step(batch, 0)
 
-        undo = patch_method(pl_module, "log", lambda original, *args, **kwargs: None)
+        undo = patch(pl_module, "log", lambda original, *args, **kwargs: None, wrap=True)
         restore_metrics = snapshot_metrics(pl_module)  # the timing runs must not count in the stage's metrics
         times: dict[str, float] = {}
         try:
@@ -347,7 +347,7 @@ def _evaluate(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> d
         total[1] += weight
 
     current = {"size": 1}
-    undo = patch_method(pl_module, "log", lambda original, *args, **kwargs: log(*args, **kwargs))
+    undo = patch(pl_module, "log", lambda original, *args, **kwargs: log(*args, **kwargs), wrap=True)
     try:
         with torch.inference_mode():
             for index, loader in enumerate(loaders):

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_lowvram.callbacks._patching import patch_method
+from lightning_lowvram._patching import patch
 from lightning_lowvram.lowbit import (
     BITS,
     LowBitReport,
@@ -70,7 +70,7 @@ class LowBitBaseCallback(Callback):
                 checkpoint["state_dict"] = unpack_low_bit(checkpoint["state_dict"])
                 original(checkpoint)
 
-            self._undo = patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint)
+            self._undo = patch(pl_module, "on_load_checkpoint", on_load_checkpoint, wrap=True)
         if self.report is not None:
             return
         check_precision(self.bits, str(trainer.precision))

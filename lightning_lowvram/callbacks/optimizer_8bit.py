@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-from lightning_lowvram.callbacks._patching import patch_method
+from lightning_lowvram._patching import patch
 from lightning_lowvram.optim import to_8bit
 
 
@@ -44,7 +44,7 @@ class EightBitOptimizerCallback(Callback):
             mapping = {id(opt): to_8bit(opt) for opt in found}
             return _replace(configured, mapping)
 
-        self._undo = patch_method(pl_module, "configure_optimizers", configure_optimizers)
+        self._undo = patch(pl_module, "configure_optimizers", configure_optimizers, wrap=True)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -14,8 +14,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from lightning_lowvram._patching import patch
 from lightning_lowvram.batching import slice_batch
-from lightning_lowvram.callbacks._patching import patch_method
 from lightning_lowvram.pruning import (
     PRUNABLE,
     ROOTS,
@@ -348,7 +348,7 @@ class PruningCallback(Callback):
                 conform_to_state_dict(pl_module, checkpoint["state_dict"])
             original(checkpoint)
 
-        self._undo = patch_method(pl_module, "on_load_checkpoint", on_load_checkpoint)
+        self._undo = patch(pl_module, "on_load_checkpoint", on_load_checkpoint, wrap=True)
 
 
 def _rebuild_optimizers(trainer: L.Trainer) -> None:
@@ -387,7 +387,7 @@ def _training_step(module: nn.Module, batch: Any) -> Any:
     """The module's own ``training_step`` (the class's: not a callback's wrapper), logging silenced; its loss."""
     if not isinstance(module, L.LightningModule):
         return call(module, batch)
-    undo = [patch_method(module, name, lambda original, *a, **k: None) for name in ("log", "log_dict")]
+    undo = [patch(module, name, lambda original, *a, **k: None, wrap=True) for name in ("log", "log_dict")]
     try:
         output = type(module).training_step(module, batch, 0)
     finally:

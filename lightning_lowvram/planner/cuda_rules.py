@@ -499,12 +499,12 @@ def cuda_rounding(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from unittest import mock
-
     from torch.distributed._tools import mem_tracker
+
+    from lightning_lowvram._patching import patched
 
     def rounded(self: Any) -> int:
         return _round(self.size * self.element_size, mem_tracker._PYTORCH_MIN_ALLOCATE)
 
-    with mock.patch.object(mem_tracker._WeakRefInfo, "_calculate_mem_consumed", rounded):
+    with patched(mem_tracker._WeakRefInfo, "_calculate_mem_consumed", rounded):
         yield

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from lightning_lowvram._patching import patch
 from lightning_lowvram.batching import batch_size_of, slice_batch
 from lightning_lowvram.checkpointing import checkpoint_blocks, host_offload
 from lightning_lowvram.chunked_ce_hf import apply_chunked_cross_entropy
@@ -386,7 +387,8 @@ def _detached_copy(module: nn.Module, mode: Any) -> nn.Module:
         copied = copy.deepcopy(module)
     if mode:
         materialize_meta(copied, mode)
-    copied.__dict__["log"] = copied.__dict__["log_dict"] = lambda *args, **kwargs: None  # no Trainer to log to
+    for name in ("log", "log_dict"):  # no Trainer to log to; a copy, so never undone
+        patch(copied, name, lambda *args, **kwargs: None)
     return copied
 
 

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
+from lightning_lowvram._patching import patched
+
 _SCALAR_READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__)
 
 
@@ -147,28 +149,19 @@ def hf_masks_as_run(unpadded: bool, unpacked: bool) -> Iterator[None]:
     not under ``attention_mask`` are kept too (the safe side). Nothing happens where transformers is not imported.
     """
     masking = sys.modules.get("transformers.masking_utils")
-    replacements: dict[str, Any] = {}
-    if masking is not None:
-        for name in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"):
-            if unpadded and hasattr(masking, name):
-                replacements[name] = _fake_as_none(getattr(masking, name))
-        if unpacked and hasattr(masking, "find_packed_sequence_indices"):
-            original = masking.find_packed_sequence_indices
-            replacements["find_packed_sequence_indices"] = lambda p, *a, **k: (
-                None if isinstance(p, FakeTensor) else original(p, *a, **k)
-            )
-    originals = {name: getattr(masking, name) for name in replacements}
-    for name, replacement in replacements.items():
-        setattr(masking, name, replacement)
-    try:
+    names = ["_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"] if unpadded else []
+    names += ["find_packed_sequence_indices"] if unpacked else []
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            if masking is not None and hasattr(masking, name):
+                replacement = _no_packing if name == "find_packed_sequence_indices" else _fake_mask_as_none
+                stack.enter_context(patched(masking, name, replacement, wrap=True))
         yield
-    finally:
-        for name, original in originals.items():
-            setattr(masking, name, original)
 
 
-def _fake_as_none(original: Any) -> Any:
-    def skip(padding_mask: Any, *args: Any, **kwargs: Any) -> Any:
-        return original(None if isinstance(padding_mask, FakeTensor) else padding_mask, *args, **kwargs)
+def _fake_mask_as_none(original: Any, padding_mask: Any, *args: Any, **kwargs: Any) -> Any:
+    return original(None if isinstance(padding_mask, FakeTensor) else padding_mask, *args, **kwargs)
 
-    return skip
+
+def _no_packing(original: Any, position_ids: Any, *args: Any, **kwargs: Any) -> Any:
+    return None if isinstance(position_ids, FakeTensor) else original(position_ids, *args, **kwargs)
