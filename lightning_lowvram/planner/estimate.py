@@ -297,7 +297,8 @@ def with_8bit_optimizer(estimate: MemoryEstimate, module: nn.Module, optimizer: 
     if by_category["optimizer"] < fp32:  # the moments were not live at the peak
         return estimate
     by_category["optimizer"] += eight - fp32  # the step's temporaries stay as traced
-    return dataclasses.replace(estimate, peak=estimate.peak + eight - fp32, by_category=by_category)
+    by_phase = {phase: value + eight - fp32 for phase, value in estimate.by_phase.items()}  # live in every phase
+    return dataclasses.replace(estimate, peak=estimate.peak + eight - fp32, by_category=by_category, by_phase=by_phase)
 
 
 def check_batch(module: nn.Module, batch: Any) -> None:
@@ -458,6 +459,33 @@ def _run(
     """
     cuda = capability is not None
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=False) if fake else None
+    copied = _prepared_copy(module, mode, precision, strategies, blocks)
+    inputs = tree_map_only(torch.Tensor, mode.from_tensor, batch) if mode else batch
+    sharded = spec is not None and spec.sharding != "none"
+    masks = (fake and unpadded(batch), fake and unpacked(batch))  # read on the real batch, before the fake mode
+    with contextlib.ExitStack() as rules:
+        mesh = rules.enter_context(fake_world(spec.devices)) if sharded and spec is not None else None
+        for context in _trace_rules(mode, capability, masks):
+            rules.enter_context(context)
+        # FSDP2 warns of in-place ops on a unit's view outputs, once per trace; the real run warns the user itself
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        if sharded:
+            shard(copied, mesh, spec)
+        opt = _optimizer(copied, optimizer)
+        if cuda:
+            for group in opt.param_groups:
+                if "foreach" in group:
+                    group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
+        per_phase, work = _two_steps(copied, opt, inputs, accumulating, precision, capability)
+        rank = _rank_bytes(copied)
+    offload = host_offload(copied)
+    return per_phase, work, rank, offload.peak if offload else 0
+
+
+def _prepared_copy(
+    module: nn.Module, mode: Any, precision: str, strategies: tuple[bool, ...], blocks: tuple[BlockStack, int] | None
+) -> nn.Module:
+    """The copy of ``module`` to trace: cut to ``blocks``, in ``precision``'s dtype, with ``strategies`` applied."""
     copied = _detached_copy(module, mode)
     if blocks is not None:
         keep_blocks(copied, *blocks)
@@ -474,8 +502,28 @@ def _run(
         checkpoint_blocks(copied, offload=offload_activations)
     if chunked_cross_entropy:
         apply_chunked_cross_entropy(copied)
-    copied.train()
-    inputs = tree_map_only(torch.Tensor, mode.from_tensor, batch) if mode else batch
+    return copied.train()
+
+
+def _trace_rules(mode: Any, capability: tuple[int, int] | None, masks: tuple[bool, bool]) -> list[Any]:
+    """The contexts a step runs under: fake tensors, the card's rules, logged scalars, HF's masks as for real."""
+    cuda = capability is not None
+    rules: list[Any] = [mode] if mode else []
+    rules += [cuda_rounding(cuda)]
+    rules += [CudaKernels(capability, attention=mode is not None), cuda_autocast_policy()] if cuda else []
+    rules += [ScalarPlaceholders()] if mode else []
+    return [*rules, hf_masks_as_run(*masks), warnings.catch_warnings()]
+
+
+def _two_steps(
+    copied: nn.Module,
+    opt: torch.optim.Optimizer,
+    inputs: Any,
+    accumulating: bool,
+    precision: str,
+    capability: tuple[int, int] | None,
+) -> tuple[dict[str, Any], StepWork]:
+    """The two optimizer steps of :func:`_run`, metered: each phase's highest peak, and the second step's work."""
     per_phase: dict[str, Any] = {}  # the meter's stats at each phase's highest peak
 
     def record(phase: str) -> None:
@@ -484,68 +532,51 @@ def _run(
             per_phase[phase] = stats
         meter.reset_peak()
 
-    kernels = CudaKernels(capability, attention=fake) if cuda else contextlib.nullcontext()
-    policy = cuda_autocast_policy() if cuda else contextlib.nullcontext()
-    sharded = spec is not None and spec.sharding != "none"
-    masks = (fake and unpadded(batch), fake and unpacked(batch))  # read on the real batch, before the fake mode
-    world = fake_world(spec.devices) if sharded else contextlib.nullcontext()
-    with (
-        world as mesh,
-        mode or contextlib.nullcontext(),
-        cuda_rounding(cuda),
-        kernels,
-        policy,
-        ScalarPlaceholders() if fake else contextlib.nullcontext(),
-        hf_masks_as_run(*masks),
-        warnings.catch_warnings(),
-    ):
-        # FSDP2 warns of in-place ops on a unit's view outputs, once per trace; the real run warns the user itself
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        if sharded:
-            shard(copied, mesh, spec)
-        opt = _optimizer(copied, optimizer)
-        if cuda:
-            for group in opt.param_groups:
-                if "foreach" in group:
-                    group["foreach"] = True  # CUDA's default: one parameter-sized temporary per update
-        counter = WorkCounter()
-        with MemoryMeter(copied, opt) as meter, KernelWorkspaces(capability) if cuda else contextlib.nullcontext():
-            # the first step only creates the optimizer state: zero gradients stand in for a forward and backward
-            for group in opt.param_groups:
-                for param in group["params"]:
-                    if param.requires_grad:
-                        param.grad = torch.zeros_like(param)
+    counter = WorkCounter()
+    workspaces = KernelWorkspaces(capability) if capability is not None else contextlib.nullcontext()
+    with MemoryMeter(copied, opt) as meter, workspaces:
+        # the first step only creates the optimizer state: zero gradients stand in for a forward and backward
+        for group in opt.param_groups:
+            for param in group["params"]:
+                if param.requires_grad:
+                    param.grad = torch.zeros_like(param)
+        opt.step()
+        record("optimizer")
+        # the second step, as in steady state: when the batch splits, every micro-batch after the first of a step
+        # runs with the step's gradients already there (the peak), which the kept zero gradients stand for.
+        # Unsplit, Lightning's closure runs training_step *before* zero_grad (set_to_none): the previous step's
+        # gradients are still there during the forward and freed before the backward (ANCHORS.md, mechanics).
+        if accumulating:
+            opt.zero_grad(set_to_none=False)
+        with counter:
+            meter.reset_peak()
+            with _autocast(precision):
+                loss = _loss(copied, inputs)
+            record("forward")
+            if not accumulating:
+                opt.zero_grad(set_to_none=True)
+            _backward(loss)
+            del loss
+            record("backward")
+        micro = counter.take()
+        with counter:
             opt.step()
-            record("optimizer")
-            # the second step, as in steady state: when the batch splits, every micro-batch after the first of a step
-            # runs with the step's gradients already there (the peak), which the kept zero gradients stand for.
-            # Unsplit, Lightning's closure runs training_step *before* zero_grad (set_to_none): the previous step's
-            # gradients are still there during the forward and freed before the backward (ANCHORS.md, mechanics).
-            if accumulating:
-                opt.zero_grad(set_to_none=False)
-            with counter:
-                meter.reset_peak()
-                with _autocast(precision):
-                    loss = _loss(copied, inputs)
-                record("forward")
-                if not accumulating:
-                    opt.zero_grad(set_to_none=True)
-                _backward(loss)
-                del loss
-                record("backward")
-            micro = counter.take()
-            with counter:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            record("optimizer")
-            updates = counter.take()
-        # one rank's sharded parameters and gradients (a DTensor's local shard): what CPU offload keeps in host memory
-        local = [(getattr(p, "_local_tensor", p), p.requires_grad) for p in copied.parameters()]
-        params = sum(t.numel() * t.element_size() for t, _ in local)
-        grads = sum(t.numel() * t.element_size() for t, trained in local if trained)
-        largest = max((t.numel() * t.element_size() for t, trained in local if trained), default=0)
-    offload = host_offload(copied)
-    return per_phase, StepWork(micro, updates), (params, grads, largest), offload.peak if offload else 0
+        opt.zero_grad(set_to_none=True)
+        record("optimizer")
+        updates = counter.take()
+    return per_phase, StepWork(micro, updates)
+
+
+def _rank_bytes(copied: nn.Module) -> tuple[int, int, int]:
+    """One rank's parameter, gradient and largest trainable parameter bytes (a DTensor's local shard).
+
+    What CPU offload keeps in host memory.
+    """
+    local = [(getattr(p, "_local_tensor", p), p.requires_grad) for p in copied.parameters()]
+    params = sum(t.numel() * t.element_size() for t, _ in local)
+    grads = sum(t.numel() * t.element_size() for t, trained in local if trained)
+    largest = max((t.numel() * t.element_size() for t, trained in local if trained), default=0)
+    return params, grads, largest
 
 
 def _backward(loss: torch.Tensor) -> None:

@@ -122,6 +122,11 @@ def test_8bit_optimizer_state_is_modelled_as_torchao_stores_it():
     assert plain.by_category["optimizer"] >= fp32  # the moments plus the step's temporaries
     assert plain.by_category["optimizer"] - eight.by_category["optimizer"] == fp32 - eight_bit
     assert plain.peak - eight.peak == fp32 - eight_bit > 0
+    # every phase holds the moments: each phase's peak is lower by as much (what longest_sequence reads per phase)
+    assert {p: plain.by_phase[p] - v for p, v in eight.by_phase.items()} == dict.fromkeys(
+        plain.by_phase, fp32 - eight_bit
+    )
+    assert max(eight.by_phase.values()) + eight.allowance == eight.peak
 
 
 @pytest.mark.usefixtures("no_cublas_workspace")
