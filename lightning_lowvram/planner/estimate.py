@@ -25,7 +25,7 @@ import copy
 import dataclasses
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -56,6 +56,7 @@ from lightning_lowvram.planner.tracing import (
     unpacked,
     unpadded,
 )
+from lightning_lowvram.registry import StepContext, Strategy, settings_of
 from lightning_lowvram.tiled_mlp import tile_mlps
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
@@ -139,6 +140,8 @@ def estimate_step_memory(
     sharding: Sharding = "none",
     offload: Offload = "none",
     extrapolate_blocks: bool = True,
+    strategies: Mapping[str, Any] | None = None,
+    modelled: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of ``module``'s training step on ``batch``, without running it for real.
 
@@ -175,6 +178,10 @@ def estimate_step_memory(
         extrapolate_blocks: Trace the model cut to 2 and 3 of its repeated blocks (2p and 3p for a pattern of
             period p) and extrapolate to all of them (:mod:`.blocks`; the same bytes, several times faster on deep
             models); ``False``, or blocks that do not repeat: trace the whole model.
+        strategies: Registered strategies' values by name (:mod:`lightning_lowvram.registry`), e.g.
+            ``{"low_bit_base": 4}`` or a strategy of your own: each is traced on the copy or modelled, as it
+            declares. The flags above are the built-ins' spellings of the same.
+        modelled: ``False``: the traced strategies only (the planner models the others per candidate).
 
     Raises:
         ValueError: For an unknown precision or GPU, a non-positive micro-batch size, or a batch the module's
@@ -189,6 +196,13 @@ def estimate_step_memory(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    chosen = _strategies({**(strategies or {}), **({"optimizer_8bit": True} if optimizer_8bit else {})})
+    flags = {k: v for s, value in chosen if s.trace is not None for k, v in s.trace(value).items() if v}
+    activation_checkpointing = activation_checkpointing or flags.get("activation_checkpointing", False)
+    offload_activations = offload_activations or flags.get("offload_activations", False)
+    tiled_mlp = tiled_mlp or flags.get("tiled_mlp", False)
+    chunked_cross_entropy = chunked_cross_entropy or flags.get("chunked_cross_entropy", False)
+    bf16_base = bf16_base or flags.get("bf16_base", False)
     if offload_activations and not activation_checkpointing:
         raise ValueError(
             "offload_activations=True moves checkpointed blocks' inputs to host memory: it needs "
@@ -210,8 +224,9 @@ def estimate_step_memory(
     micro = min(micro_batch_size or n, n)
     split = micro < n  # later micro-batches of a step run with the step's gradients already there
 
-    strategies = (activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled_mlp)
-    step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, strategies, capability, spec)
+    prepared = tuple((s.prepare, value) for s, value in chosen if s.prepare is not None)
+    applied = (activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled_mlp, prepared)
+    step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, applied, capability, spec)
     try:
         per_phase, work, state, moved, traced = _traced(step, extrapolate_blocks)
         method = "fake"
@@ -240,7 +255,21 @@ def estimate_step_memory(
         offloaded_activations=moved,
         traced_blocks=traced,
     )
-    return with_8bit_optimizer(estimate, module, optimizer) if optimizer_8bit else estimate
+    if not modelled:
+        return estimate
+    ctx = StepContext(module, precision, (precision,), spec is None or spec.sharding == "none",
+                      chunked_cross_entropy, {}, {}, optimizer)  # fmt: skip
+    for strategy, value in chosen:
+        estimate = strategy.model(estimate, value, ctx) if strategy.model is not None else estimate
+    return estimate
+
+
+def _strategies(values: Mapping[str, Any]) -> list[tuple[Strategy, Any]]:
+    """The registered strategies ``values`` names and their values, in registry order."""
+    try:
+        return list(settings_of(values))
+    except KeyError as err:
+        raise ValueError(f"strategies: {err.args[0]}") from err
 
 
 def parameter_bytes(module: nn.Module, precision: str = "32-true", trainable: bool = False) -> int:
@@ -437,7 +466,7 @@ def _run(
     accumulating: bool,
     precision: str,
     optimizer: Any,
-    strategies: tuple[bool, bool, bool, bool, bool],
+    strategies: tuple[Any, ...],
     capability: tuple[int, int] | None,
     spec: ShardSpec | None,
     fake: bool,
@@ -452,7 +481,7 @@ def _run(
     gradients of earlier micro-batches present when ``accumulating``, i.e. the batch splits) and the update.
 
     ``strategies``: activation checkpointing, chunked cross-entropy, activation offload, a bfloat16 frozen base,
-    tiled MLPs.
+    tiled MLPs, and registered strategies' ``(prepare, value)`` pairs.
     ``capability``: the CUDA
     card's compute capability, whose rules apply; ``None``: the CPU's. ``spec``: rank 0 of
     an FSDP2 job over a fake process group. ``blocks``: cut the copy to that many of the stack's blocks.
@@ -483,7 +512,7 @@ def _run(
 
 
 def _prepared_copy(
-    module: nn.Module, mode: Any, precision: str, strategies: tuple[bool, ...], blocks: tuple[BlockStack, int] | None
+    module: nn.Module, mode: Any, precision: str, strategies: tuple[Any, ...], blocks: tuple[BlockStack, int] | None
 ) -> nn.Module:
     """The copy of ``module`` to trace: cut to ``blocks``, in ``precision``'s dtype, with ``strategies`` applied."""
     copied = _detached_copy(module, mode)
@@ -491,11 +520,13 @@ def _prepared_copy(
         keep_blocks(copied, *blocks)
     if precision == "bf16-true":
         to_dtype(copied, torch.bfloat16)
-    activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled = strategies
+    activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled, prepared = strategies
     if bf16_base:
         from lightning_lowvram.lowbit import quantize_frozen_base
 
         quantize_frozen_base(copied, 16)
+    for prepare, value in prepared:  # registered strategies that change the model
+        prepare(copied, value)
     if tiled:
         tile_mlps(copied)
     if activation_checkpointing:

@@ -36,14 +36,13 @@ from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_prof
 from lightning_lowvram.planner.estimate import (
     PRECISIONS,
     MemoryEstimate,
-    adam_optimizer,
     estimate_step_memory,
     parameter_bytes,
-    with_8bit_optimizer,
 )
 from lightning_lowvram.planner.timing import Traffic, rates_of, traffic_of
+from lightning_lowvram.registry import StepContext, Strategy, get, settings_of, strategies
 
-Saving = tuple[int, int]  # (bytes a low-bit frozen base saves, its largest layer's dequantization transient)
+Options = tuple[tuple[str, Any], ...]  # (strategy name, value) of the registry's strategies the search enumerates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +52,6 @@ class Candidate:
     precision: str
     micro_batch_size: int
     activation_checkpointing: bool
-    optimizer_8bit: bool
-    base_bits: int  # 0: the frozen base as it is; 16, 8 or 4: stored in that many bits (LowBitBaseCallback)
     estimate: MemoryEstimate
     fits: bool
     step_time: float  # predicted seconds per optimizer step on the card
@@ -65,11 +62,39 @@ class Candidate:
     chunked_ce: bool = False  # a HF causal LM's head and loss in chunks (ChunkedCrossEntropyCallback)
     offload_activations: bool = False  # checkpointed blocks' inputs in host memory (ActivationCheckpointingCallback)
     tiled_mlp: bool = False  # the blocks' MLPs a tile of the sequence at a time (ActivationCheckpointingCallback)
+    options: Options = ()  # the values of the strategies the search enumerates (8-bit state, a low-bit base...)
+
+    @property
+    def optimizer_8bit(self) -> bool:
+        """Adam/AdamW state in 8 bits (EightBitOptimizerCallback)."""
+        return bool(dict(self.options).get("optimizer_8bit", False))
+
+    @property
+    def base_bits(self) -> int:
+        """0: the frozen base as it is; 16, 8 or 4: stored in that many bits (LowBitBaseCallback)."""
+        return int(dict(self.options).get("low_bit_base", 0))
 
     @property
     def int8_base(self) -> bool:
         """The frozen base in int8 (``base_bits == 8``)."""
         return self.base_bits == 8
+
+    @property
+    def checkpointing(self) -> Ckpt:
+        """``False``, ``True``, ``"offload"`` (inputs in host memory) or ``"tiled"`` (and the MLPs tiled)."""
+        if self.tiled_mlp:
+            return "tiled"
+        return "offload" if self.offload_activations else self.activation_checkpointing
+
+    def settings(self, batch_size: int | None = None) -> dict[str, Any]:
+        """Every strategy's value in this setting, by registry name (micro-batching when ``batch_size`` splits)."""
+        values: dict[str, Any] = {
+            "micro_batch": self.micro_batch_size if batch_size and self.micro_batch_size < batch_size else None,
+            "activation_checkpointing": self.checkpointing,
+            "chunked_cross_entropy": self.chunked_ce,
+            "fsdp2": (self.sharding, self.offload),
+        }
+        return values | dict(self.options)
 
     @property
     def layout(self) -> str:
@@ -84,14 +109,8 @@ class Candidate:
     def label(self) -> str:
         parts = [self.layout] if self.layout else []
         parts += [self.precision, f"micro-batch {self.micro_batch_size}"]
-        parts += ["8-bit optimizer"] if self.optimizer_8bit else []
-        names = {16: "bf16 frozen base", 8: "int8 frozen base", 4: "NF4 frozen base"}
-        parts += [names[self.base_bits]] if self.base_bits else []
-        parts += ["checkpointing"] if self.activation_checkpointing else []
-        parts += ["activations offloaded"] if self.offload_activations else []
-        parts += ["MLP tiled"] if self.tiled_mlp else []
-        parts += ["chunked CE"] if self.chunked_ce else []
-        return ", ".join(parts)
+        parts += [strategy.label(value) for strategy, value in settings_of(self.settings())]
+        return ", ".join(p for p in parts if p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +167,10 @@ class Plan:
             + ("" if any(c.base_bits for c in self.candidates) else " or a low-bit frozen base (LowBitBaseCallback)")
         )
 
+    def settings(self) -> list[tuple[Strategy, Any]]:
+        """The chosen setting's strategies and their values, in registry order (none if nothing fits)."""
+        return [] if self.chosen is None else list(settings_of(self.chosen.settings(self.batch_size)))
+
     def trainer_kwargs(self) -> dict[str, Any]:
         """Trainer arguments of the chosen setting: precision, and the strategy object and devices when it spans cards.
 
@@ -158,40 +181,22 @@ class Plan:
         if self.chosen is None:
             return {}
         kwargs: dict[str, Any] = {"precision": self.chosen.precision}
-        c = self.chosen
-        if c.sharding != "none":
-            from lightning_lowvram.fsdp2 import FSDP2Strategy
-
-            offload = c.offload != "none"
-            kwargs["strategy"] = FSDP2Strategy(reshard_after_forward=c.sharding == "full", cpu_offload=offload)
-            kwargs["devices"] = c.devices
-        elif c.devices > 1:
-            kwargs |= {"strategy": "ddp", "devices": c.devices}
+        for strategy, value in self.settings():
+            if strategy.kind == "trainer_strategy":
+                kwargs |= {"strategy": strategy.build(value), "devices": self.chosen.devices}
+        if "strategy" not in kwargs and self.chosen.devices > 1:
+            kwargs |= {"strategy": "ddp", "devices": self.chosen.devices}
         return kwargs
 
     def overrides(self) -> list[str]:
         """The same as Hydra overrides of the `lowvram` app."""
         if self.chosen is None:
             return []
-        nodes = ["lowvram_memory_report"]
-        nodes += ["lowvram_auto_micro_batch"] if self.chosen.micro_batch_size < self.batch_size else []
-        nodes += ["lowvram_activation_checkpointing"] if self.chosen.activation_checkpointing else []
-        nodes += ["lowvram_optimizer_8bit"] if self.chosen.optimizer_8bit else []
-        nodes += ["lowvram_low_bit_base"] if self.chosen.base_bits else []
-        nodes += ["lowvram_chunked_cross_entropy"] if self.chosen.chunked_ce else []
+        chosen = self.settings()
+        nodes = [get("memory_report").node] + [s.node for s, _ in chosen if s.kind == "callback"]
         out = [f"trainer.precision={self.chosen.precision}", f"callbacks=[{','.join(nodes)}]"]
-        if self.chosen.offload_activations:
-            out += ["callbacks.lowvram_activation_checkpointing.offload=true"]
-        if self.chosen.tiled_mlp:
-            out += ["callbacks.lowvram_activation_checkpointing.tile_mlp=true"]
-        if "lowvram_auto_micro_batch" in nodes:
-            out += [f"callbacks.lowvram_auto_micro_batch.micro_batch_size={self.chosen.micro_batch_size}"]
-        if self.chosen.base_bits:
-            out += [f"callbacks.lowvram_low_bit_base.bits={self.chosen.base_bits}"]
+        out += [line for strategy, value in chosen for line in strategy.override_lines(value)]
         c = self.chosen
-        if c.sharding != "none":
-            out += [f"strategy={'fsdp2_offload' if c.offload != 'none' else 'fsdp2'}"]
-            out += [] if c.sharding == "full" else ["strategy.trainer_strategy.reshard_after_forward=false"]
         if c.devices > 1:
             out += [f"trainer.devices={c.devices}"] + ([] if c.sharding != "none" else ["+trainer.strategy=ddp"])
         return out
@@ -221,6 +226,7 @@ def plan(
     precisions: tuple[str, ...] | list[str] | None = None,
     allow_chunked_ce: bool = True,
     allow_bf16_base: bool = True,
+    **strategy_options: Any,
 ) -> Plan:
     """Choose the fastest setting whose predicted peak fits ``gpu`` with ``margin``; the effective batch is kept.
 
@@ -256,6 +262,7 @@ def plan(
             (``LowBitBaseCallback(bits=16)``): the same step to the bit (autocast computes with bfloat16 copies of
             them anyway), half their bytes; adapters and their optimizer state stay float32. Traced with the base
             converted on the copy (the bfloat16 copies autocast no longer makes are gone from the peak and the time).
+        **strategy_options: The switches registered strategies declare (``Strategy.plan_options``).
 
     Raises:
         ValueError: For an unknown GPU, a profile without memory (``cpu``) or without the throughput (or, for
@@ -271,6 +278,31 @@ def plan(
 
     """
     profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
+    precisions = _checked(profile, devices, margin, precisions)
+    options = _plan_options(
+        {"allow_int8_base": allow_int8_base, "allow_low_bit_base": allow_low_bit_base,
+         "allow_bf16_base": allow_bf16_base, **strategy_options}
+    )  # fmt: skip
+    budget = int(profile.usable_bytes * (1.0 - margin))  # for tensors: the card minus its context, capped by free
+    n = batch_size_of(batch)
+    search = _Search(module, batch, profile, budget, n, devices, precisions, options)
+    sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
+    first = "32-true" if "32-true" in precisions else precisions[0]
+    candidates = [search.extrapolated(first, n, False, (), ("none", "none"))]  # the plain setup
+    search.chunked = allow_chunked_ce and is_chunkable(module)
+    skipped: list[str] = []
+    _search_layouts(search, sizes, candidates, skipped, allow_offload)
+    chosen = _confirm(search, sizes, candidates)
+    ordered = [candidates[0]] + sorted(candidates[1:], key=lambda c: (not c.fits, *_rank(c)))
+    unique = {c.label: c for c in reversed(ordered)}  # one row a setting (the plain one first)
+    rows = sorted(unique.values(), key=ordered.index)
+    return Plan(profile, n, budget, rows, chosen, tuple(skipped), devices)
+
+
+def _checked(
+    profile: GPUProfile, devices: int, margin: float, precisions: tuple[str, ...] | list[str] | None
+) -> tuple[str, ...]:
+    """Refuse what cannot be planned (one line naming the value); the precisions to consider."""
     if profile.usable_bytes is None:
         raise ValueError(f"gpu {profile.name!r} has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
     rates_of(profile)  # a card without throughput numbers: the error now
@@ -287,82 +319,93 @@ def plan(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ValueError(f"precisions: {unknown[0]!r} is not one of {', '.join(map(repr, PRECISIONS))}")
-    budget = int(profile.usable_bytes * (1.0 - margin))  # for tensors: the card minus its context, capped by free
-    n = batch_size_of(batch)
-    allowed = [8] if allow_int8_base else []
-    allowed = [8, 4] if allow_low_bit_base else allowed
-    allowed += [16] if allow_bf16_base and "bf16-mixed" in precisions else []
-    chunked = allow_chunked_ce and is_chunkable(module)
-    savings = {bits: _base_saving(module, bits, chunked) for bits in allowed}
-    savings = {bits: saving for bits, saving in savings.items() if saving["optimizer"] > 0}
-    search = _Search(module, batch, profile, budget, n, savings, devices)
-    sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
-    first = "32-true" if "32-true" in precisions else precisions[0]
-    candidates = [search.extrapolated(first, n, False, False, 0, ("none", "none"))]  # the plain setup
-    search.chunked = chunked
-    skipped: list[str] = []
-    layouts: list[Layout] = [("none", "none")] + ([("grad_op", "none"), ("full", "none")] if devices > 1 else [])
-    for layout in layouts:  # least traffic first: what fits there bounds what more traffic could win
-        _search_layout(search, layout, precisions, sizes, candidates, skipped)
-    if allow_offload and profile.pcie_gbs is None:
-        skipped.append(f"FSDP2 + CPU offload (gpu {profile.name!r} has no pcie_gbs to price it)")
+    return tuple(precisions)
+
+
+def _plan_options(given: dict[str, Any]) -> dict[str, Any]:
+    """Every registered strategy's switches, as given or defaulted; an unknown one is refused, naming the known."""
+    known = plan_options()
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise ValueError(f"plan() got an unknown option {unknown[0]!r}; the strategies take {', '.join(known)}")
+    return known | given
+
+
+def plan_options() -> dict[str, Any]:
+    """The planner's switches every registered strategy declares, with their defaults (``strategy=auto``'s keys)."""
+    return {k: v for s in strategies() for k, v in s.plan_options.items()}
+
+
+def _search_layouts(
+    search: _Search, sizes: list[int], candidates: list[Candidate], skipped: list[str], allow_offload: bool
+) -> None:
+    """Each layout in order of traffic (what fits there bounds what more traffic could win); offload when none fits."""
+    layouts: list[Layout] = [("none", "none")] + ([("grad_op", "none"), ("full", "none")] if search.devices > 1 else [])
+    for layout in layouts:
+        _search_layout(search, layout, sizes, candidates, skipped)
+    name = search.profile.name
+    if allow_offload and search.profile.pcie_gbs is None:
+        skipped.append(f"FSDP2 + CPU offload (gpu {name!r} has no pcie_gbs to price it)")
     elif allow_offload and not any(c.fits for c in candidates):
-        _search_layout(search, ("full", "params"), precisions, sizes, candidates, skipped)
+        _search_layout(search, ("full", "params"), sizes, candidates, skipped)
     elif allow_offload:
         skipped.append("FSDP2 + CPU offload (tried only when nothing fits on the cards)")
-    chosen = None
+
+
+def _confirm(search: _Search, sizes: list[int], candidates: list[Candidate]) -> Candidate | None:
+    """The fastest fitting candidate, traced at its own size; if the extrapolation was optimistic, the next one.
+
+    ``candidates`` gets the confirmed traces in place of the extrapolations (and any smaller retry).
+    """
     pending = sorted((c for c in candidates if c.fits), key=_rank)
-    while pending:  # confirm the fastest by tracing it at its own size; if the extrapolation was optimistic, go on
+    while pending:
         best = pending.pop(0)
         confirmed = best if best.traced else search.traced(*search.key(best))
-        candidates = [confirmed if c is best else c for c in candidates]
+        candidates[next(i for i, c in enumerate(candidates) if c is best)] = confirmed
         if confirmed.fits:
-            chosen = confirmed
-            break
+            return confirmed
         smaller = [m for m in sizes if m < best.micro_batch_size]
         if smaller:
             retry = search.extrapolated(*search.key(dataclasses.replace(best, micro_batch_size=smaller[0])))
             if retry.fits:
                 candidates.append(retry)
                 pending = sorted([*pending, retry], key=_rank)
-    ordered = [candidates[0]] + sorted(candidates[1:], key=lambda c: (not c.fits, *_rank(c)))
-    unique = {c.label: c for c in reversed(ordered)}  # one row a setting (the plain one first)
-    rows = sorted(unique.values(), key=ordered.index)
-    return Plan(profile, n, budget, rows, chosen, tuple(skipped), devices)
+    return None
+
+
+def _checkpointing(search: _Search, unsharded: bool) -> list[Ckpt]:
+    """The checkpointing levels to try: none, then the blocks; offload and tiled MLPs when the card is priced."""
+    levels: list[Ckpt] = [False, True] if _has_blocks(search.module) else [False]
+    if levels[-1] and unsharded and search.profile.pcie_gbs is not None:
+        levels.append("offload")  # the checkpointed blocks' inputs in host memory, when nothing else fits
+        levels += ["tiled"] if _has_mlps(search.module) else []  # and the MLPs tiled, when that does not
+    return levels
 
 
 def _search_layout(
-    search: _Search, layout: Layout, precisions: Any, sizes: list[int], candidates: list[Candidate], skipped: list[str]
+    search: _Search, layout: Layout, sizes: list[int], candidates: list[Candidate], skipped: list[str]
 ) -> None:
     """Add the largest micro-batch that fits under ``layout`` (else the smallest tried), per setting.
 
-    Settings: precision x checkpointing (x 8-bit optimizer x low-bit base, unsharded only); what cannot beat a fitting
-    candidate is skipped.
+    Settings: precision x checkpointing x the registry's enumerated strategies (8-bit optimizer, low-bit base...: the
+    values their ``choices`` offer); what cannot beat a fitting candidate is skipped.
     """
     n = search.n
     unsharded = layout[0] == "none"
-    checkpointing: list[Ckpt] = [False, True] if _has_blocks(search.module) else [False]
-    if checkpointing[-1] and unsharded and search.profile.pcie_gbs is not None:
-        checkpointing.append("offload")  # the checkpointed blocks' inputs in host memory, when nothing else fits
-        checkpointing += ["tiled"] if _has_mlps(search.module) else []  # and the MLPs tiled, when that does not
-    eight_bit = [False, True] if unsharded and adam_optimizer(search.module) is not None else [False]
-    base_bits = [0, *search.savings] if unsharded else [0]
     name = dataclasses.replace(candidates[0], devices=search.devices, sharding=layout[0], offload=layout[1]).layout
-    for ckpt in checkpointing:  # without checkpointing first: it bounds what checkpointing could win
+    for ckpt in _checkpointing(search, unsharded):  # without checkpointing first: it bounds what it could win
         if ckpt in ("offload", "tiled") and any(c.fits for c in candidates):
             what = "activation offload" if ckpt == "offload" else "tiled MLPs"
             skipped.append(f"{what} (tried only when nothing fits on the card)")
             continue
-        for precision in precisions:
+        for precision in search.precisions:
             if (ckpt or not unsharded) and _cannot_win(search, candidates, precision, n, layout):
                 skipped.append(", ".join(p for p in (name, precision, "checkpointing" if ckpt else "") if p))
                 continue
-            for optim8, base8 in itertools.product(eight_bit, base_bits):
-                if base8 == 16 and precision != "bf16-mixed":
-                    continue  # a bfloat16 base is exact under bf16 autocast only (LowBitBaseCallback refuses others)
-                options = [search.extrapolated(precision, m, ckpt, optim8, base8, layout) for m in sizes]
-                fitting = [c for c in options if c.fits]
-                candidates.append(fitting[0] if fitting else options[-1])  # the largest that fits, else the smallest
+            for options in search.options_for(precision, unsharded):
+                tried = [search.extrapolated(precision, m, ckpt, options, layout) for m in sizes]
+                fitting = [c for c in tried if c.fits]
+                candidates.append(fitting[0] if fitting else tried[-1])  # the largest that fits, else the smallest
 
 
 def _rank(c: Candidate) -> tuple[float, int, int]:
@@ -371,9 +414,7 @@ def _rank(c: Candidate) -> tuple[float, int, int]:
     Modelled variants (8-bit state, a low-bit base) take the float step's time, so they tie with it: the setting that
     changes less of the user's setup wins the tie (a bfloat16 base, exact under bf16 autocast, before int8 / NF4).
     """
-    changes = (c.precision != "32-true") + c.activation_checkpointing + c.optimizer_8bit
-    changes += {0: 0, 16: 1}.get(c.base_bits, 2)  # a base with changed numerics (int8, NF4) counts twice
-    changes += (c.sharding != "none") + (c.offload != "none") + c.chunked_ce + c.offload_activations + c.tiled_mlp
+    changes = (c.precision != "32-true") + sum(s.changes(value) for s, value in settings_of(c.settings()))
     return round(c.step_time, 2 - int(math.floor(math.log10(max(c.step_time, 1e-9))))), changes, tensor_peak(c)
 
 
@@ -383,7 +424,7 @@ def _cannot_win(search: _Search, candidates: list[Candidate], precision: str, n:
     Checkpointing and smaller micro-batches only add work: at best a layout matches its step at the whole batch.
     """
     best = min((c.step_time for c in candidates if c.fits), default=math.inf)
-    return best <= search.extrapolated(precision, n, False, False, 0, layout).step_time
+    return best <= search.extrapolated(precision, n, False, (), layout).step_time
 
 
 class _Search:
@@ -396,25 +437,44 @@ class _Search:
         profile: GPUProfile,
         budget: int,
         n: int,
-        savings: dict[int, dict[str, int]],
         devices: int = 1,
+        precisions: tuple[str, ...] = ("32-true",),
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.module, self.batch, self.profile, self.budget, self.n = module, batch, profile, budget, n
-        self.savings = savings  # bits -> bytes a low-bit frozen base takes off each phase (lowbit.low_bit_phases)
-        self.devices = devices
+        self.devices, self.precisions, self.options = devices, precisions, options or {}
         self.chunked = False  # trace with the chunked cross-entropy (every setting but the plain one, where it applies)
-        self.cache: dict[tuple[str, int, Ckpt, Layout, bool, bool], MemoryEstimate] = {}
+        self.shared: dict[Any, Any] = {}  # the strategies' cache (StepContext.cache)
+        self.cache: dict[tuple[Any, ...], MemoryEstimate] = {}
 
-    def trace(self, precision: str, micro: int, ckpt: Ckpt, layout: Layout, bf16: bool = False) -> MemoryEstimate:
-        """The step traced (cached); ``bf16``: with the frozen base in bfloat16 on the traced copy."""
-        key = (precision, micro, ckpt, layout, self.chunked, bf16)
+    def context(self, precision: str, unsharded: bool) -> StepContext:
+        """What the strategies' hooks see of a setting."""
+        return StepContext(
+            self.module, precision, self.precisions, unsharded, self.chunked, self.options, self.shared
+        )  # fmt: skip
+
+    def options_for(self, precision: str, unsharded: bool) -> list[Options]:
+        """Every combination of the enumerated strategies' values for a setting (all off first), in registry order."""
+        ctx = self.context(precision, unsharded)
+        enumerated = [s for s in strategies() if s.choices is not None and not s.axis]
+        values = [[s.off, *s.choices(ctx)] for s in enumerated]  # type: ignore[misc]
+        return [
+            tuple((s.name, v) for s, v in zip(enumerated, combo, strict=True) if v != s.off)
+            for combo in itertools.product(*values)
+        ]
+
+    def trace(self, precision: str, micro: int, ckpt: Ckpt, layout: Layout, options: Options = ()) -> MemoryEstimate:
+        """The step traced (cached), with the traced part of ``options`` (a bfloat16 base...) applied to the copy."""
+        traced = tuple((name, v) for name, v in options if get(name).trace or get(name).prepare)
+        key = (precision, micro, ckpt, layout, self.chunked, traced)
         if key not in self.cache:
             self.cache[key] = estimate_step_memory(
                 self.module, self.batch, micro_batch_size=micro, precision=precision,
                 activation_checkpointing=bool(ckpt), offload_activations=ckpt in ("offload", "tiled"),
                 tiled_mlp=ckpt == "tiled", gpu=self.profile,
                 devices=self.devices, sharding=layout[0],  # type: ignore[arg-type]
-                offload=layout[1], chunked_cross_entropy=self.chunked, bf16_base=bf16,  # type: ignore[arg-type]
+                offload=layout[1], chunked_cross_entropy=self.chunked, strategies=dict(traced),  # type: ignore[arg-type]
+                modelled=False,
             )  # fmt: skip
         return self.cache[key]
 
@@ -424,34 +484,22 @@ class _Search:
         return traffic_of(self.devices, layout[0], layout[1], params, grads)
 
     @staticmethod
-    def key(c: Candidate) -> tuple[str, int, Ckpt, bool, int, Layout]:
-        layout = (c.sharding, c.offload)
-        ckpt: Ckpt = "tiled" if c.tiled_mlp else ("offload" if c.offload_activations else c.activation_checkpointing)
-        return c.precision, c.micro_batch_size, ckpt, c.optimizer_8bit, c.base_bits, layout
+    def key(c: Candidate) -> tuple[str, int, Ckpt, Options, Layout]:
+        return c.precision, c.micro_batch_size, c.checkpointing, c.options, (c.sharding, c.offload)
 
     def _candidate(
-        self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base_bits: int, layout: Layout,
+        self, precision: str, micro: int, ckpt: Ckpt, options: Options, layout: Layout,
         estimate: MemoryEstimate, seconds: float, traced: bool,
     ) -> Candidate:  # fmt: skip
-        if optim8:
-            estimate = with_8bit_optimizer(estimate, self.module)
-        if base_bits in (4, 8):  # modelled per phase; a bfloat16 base is traced
-            off = self.savings[base_bits]
-            by_phase = {p: v - off[p] for p, v in estimate.by_phase.items()}
-            phase = max(by_phase, key=by_phase.__getitem__)
-            saved = off["optimizer"]
-            by_category = {**estimate.by_category, "parameters": estimate.by_category["parameters"] - saved}
-            # the peak phase's categories, with its layer's dequantization as a temporary
-            by_category["temporaries"] = by_category.get("temporaries", 0) + by_phase[phase] + saved - sum(
-                estimate.by_category.values()
-            )  # fmt: skip
-            estimate = dataclasses.replace(
-                estimate, peak=by_phase[phase] + estimate.allowance, by_category=by_category, by_phase=by_phase
-            )  # fmt: skip
+        ctx = self.context(precision, layout[0] == "none")
+        for name, value in options:  # the modelled strategies, in registry order
+            model = get(name).model
+            estimate = model(estimate, value, ctx) if model is not None else estimate
         fits = estimate.peak - estimate.allowance <= self.budget
         return Candidate(
-            precision, micro, bool(ckpt), optim8, base_bits, estimate, fits, seconds, traced, self.devices, *layout,
+            precision, micro, bool(ckpt), estimate, fits, seconds, traced, self.devices, *layout,
             chunked_ce=self.chunked, offload_activations=ckpt in ("offload", "tiled"), tiled_mlp=ckpt == "tiled",
+            options=options,
         )  # fmt: skip
 
     def copies(self, offloaded: float) -> float:
@@ -461,21 +509,19 @@ class _Search:
         """
         return 2 * offloaded / (self.profile.pcie_gbs * 1e9) if offloaded else 0.0
 
-    def traced(self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base8: int, layout: Layout) -> Candidate:
-        estimate = self.trace(precision, micro, ckpt, layout, base8 == 16)
+    def traced(self, precision: str, micro: int, ckpt: Ckpt, options: Options, layout: Layout) -> Candidate:
+        estimate = self.trace(precision, micro, ckpt, layout, options)
         steps = math.ceil(self.n / micro)
         seconds = estimate.work.seconds(self.profile, steps, self.traffic(precision, layout))
         seconds += steps * self.copies(estimate.offloaded_activations)
-        return self._candidate(precision, micro, ckpt, optim8, base8, layout, estimate, seconds, True)
+        return self._candidate(precision, micro, ckpt, options, layout, estimate, seconds, True)
 
-    def extrapolated(
-        self, precision: str, micro: int, ckpt: Ckpt, optim8: bool, base8: int, layout: Layout
-    ) -> Candidate:
-        bf16 = base8 == 16
-        if (precision, micro, ckpt, layout, self.chunked, bf16) in self.cache or micro <= 2:
-            return self.traced(precision, micro, ckpt, optim8, base8, layout)
-        one = self.trace(precision, 1, ckpt, layout, bf16)
-        two = self.trace(precision, min(2, self.n), ckpt, layout, bf16)
+    def extrapolated(self, precision: str, micro: int, ckpt: Ckpt, options: Options, layout: Layout) -> Candidate:
+        traced = tuple((name, v) for name, v in options if get(name).trace or get(name).prepare)
+        if (precision, micro, ckpt, layout, self.chunked, traced) in self.cache or micro <= 2:
+            return self.traced(precision, micro, ckpt, options, layout)
+        one = self.trace(precision, 1, ckpt, layout, options)
+        two = self.trace(precision, min(2, self.n), ckpt, layout, options)
         grow = micro - 1
 
         def line(a: int, b: int) -> int:
@@ -501,14 +547,7 @@ class _Search:
         micro_seconds = per_micro[0] + (per_micro[1] - per_micro[0]) * grow
         micro_seconds += self.copies(moved)
         seconds = math.ceil(self.n / micro) * micro_seconds + two.work.seconds(self.profile, 0, traffic)
-        return self._candidate(precision, micro, ckpt, optim8, base8, layout, estimate, seconds, False)
-
-
-def _base_saving(module: nn.Module, bits: int, chunked: bool) -> dict[str, int]:
-    """Bytes a ``bits``-bit frozen base takes off each phase's peak (``lowbit.low_bit_phases``)."""
-    from lightning_lowvram.lowbit import low_bit_phases
-
-    return low_bit_phases(module, bits, chunked_head=chunked)  # type: ignore[arg-type]
+        return self._candidate(precision, micro, ckpt, options, layout, estimate, seconds, False)
 
 
 def _has_mlps(module: nn.Module) -> bool:

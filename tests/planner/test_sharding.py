@@ -15,7 +15,7 @@ BATCH = (torch.zeros(8, 64, dtype=torch.long), torch.zeros(8, 64, dtype=torch.lo
 
 def test_fake_tensors_trace_what_real_tensors_allocate_and_sharding_shrinks_the_state():
     spec = shard_spec(2, "full", "none")
-    step = (TinyGPT(n_layer=4), BATCH, False, "32-true", None, (False, False, False, False, False), None, spec)
+    step = (TinyGPT(n_layer=4), BATCH, False, "32-true", None, (False, False, False, False, False, ()), None, spec)
     fake, real = (_run(*step, fake=f)[0] for f in (1, 0))
     assert {k: v.total for k, v in fake.items()} == {k: v.total for k, v in real.items()}  # nothing allocated
     best = max(fake, key=lambda k: fake[k].total)
