@@ -26,12 +26,12 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_lowvram._files import check_writable
-from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.hydra_setup import (
-    AUTO_OPTIONS,
-    TRAINER_STRATEGY,
-    callback_nodes,
+    NodeError,
+    NothingFitsError,
+    auto_options,
+    compose_strategies,
     planned_devices,
     trainer_strategy_node,
 )
@@ -160,28 +160,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if batch is not None:
         _check_batch(cfg, model, batch)
     _check_strategy_keys(cfg)
-    callbacks = {name: _instantiate(node, name) for name, node in callback_nodes(cfg)}
+    if trainer_strategy_node(cfg) is not None and cfg.trainer.get("strategy") is not None:
+        reason = f"strategy={cfg.strategy.name} sets the Trainer's strategy; drop trainer.strategy"
+        raise ConfigError("trainer.strategy", cfg.trainer.strategy, reason)
+    callbacks, trainer_kwargs, chosen = _compose(cfg, model, batch, profile)
     _check_frozen_base(cfg, model, callbacks)
     for callback in callbacks.values():
         if hasattr(callback, "print_table"):
             callback.print_table = False  # the summary prints each table once
-    trainer_kwargs: dict[str, Any] = {}
-    node = trainer_strategy_node(cfg)
-    if node is not None:
-        if cfg.trainer.get("strategy") is not None:
-            reason = f"strategy={cfg.strategy.name} sets the Trainer's strategy; drop trainer.strategy"
-            raise ConfigError("trainer.strategy", cfg.trainer.strategy, reason)
-        trainer_kwargs["strategy"] = _instantiate(node, f"strategy.{TRAINER_STRATEGY}")
-    chosen = context = None
-    auto = cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None  # no card, no limit: plain
-    if cfg.command == "plan" or auto:
-        chosen = _plan(cfg, model, batch, profile)
-        context = _max_context(cfg, model, batch, profile) if cfg.command == "plan" and cfg.max_context else None
-        if cfg.command == "fit":
-            if chosen.chosen is None:
-                raise NothingFits(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
-            callbacks.update({f"strategy.{type(c).__name__}": c for c in plan_callbacks(chosen)})
-            trainer_kwargs.update(chosen.trainer_kwargs())
+    context = _max_context(cfg, model, batch, profile) if cfg.command == "plan" and cfg.max_context else None
     root = cfg.trainer.get("default_root_dir") or _run_dir()
     try:  # checkpoints, logs and the plan's chart go here: refuse a path that cannot hold them before any work
         check_writable(Path(root) / "checkpoints" / "x.ckpt", "the run directory")
@@ -228,23 +215,29 @@ def _max_context(cfg: DictConfig, model: L.LightningModule, batch: Any, profile:
     ]
 
 
-def _plan(cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile) -> Any:
-    from lightning_lowvram.planner import plan
-
-    if profile.usable_bytes is None:
+def _compose(
+    cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``hydra_setup.compose_strategies`` (the one composition path), its errors as one line naming the key."""
+    planning = cfg.command == "plan" or (cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None)
+    if planning and profile.usable_bytes is None:
         raise ConfigError("gpu", cfg.gpu.name, "has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
-    if batch is None:
+    if planning and batch is None:
         raise ConfigError("data._target_", cfg.data._target_, "planning needs a LightningDataModule (its first batch)")
     try:
-        options = {k: cfg.strategy.get(k, d) for k, d in _AUTO_OPTIONS.items()}
-        devices = planned_devices(cfg)
+        if planning:
+            planned_devices(cfg)
     except ValueError as err:
         raise ConfigError("trainer.devices", cfg.trainer.get("devices"), str(err).split(": ", 1)[1]) from err
-    # CPU offload runs on CUDA devices only: a fit emulating the card on this machine's CPU cannot apply it
-    offload = cfg.command == "plan" or torch.cuda.is_available()
     try:
-        return plan(model, batch, profile, devices=devices, allow_offload=offload, **options)
-    except ValueError as err:
+        return compose_strategies(cfg, profile, model, batch, instantiate=_instantiate, plan_only=cfg.command == "plan")
+    except ConfigError:
+        raise
+    except NodeError as err:
+        raise ConfigError(err.key, err.value, err.reason) from err
+    except NothingFitsError as err:
+        raise NothingFits(str(err)) from err
+    except ValueError as err:  # the planner refused its options
         raise _blame(cfg.strategy, "strategy", str(err).splitlines()[0]) from err
 
 
@@ -290,12 +283,10 @@ def _ckpt_path(cfg: DictConfig) -> str | None:
     return str(_last_checkpoint()) if ckpt == "last" else ckpt
 
 
-_AUTO_OPTIONS = AUTO_OPTIONS  # strategy=auto's own keys and their defaults (hydra_setup, one table)
-
-
 def _check_strategy_keys(cfg: DictConfig) -> None:
+    options = auto_options()
     nodes = [k for k, v in cfg.strategy.items() if isinstance(v, DictConfig) and "_target_" in v]
-    auto_keys = [k for k in _AUTO_OPTIONS if k in cfg.strategy]
+    auto_keys = [k for k in options if k in cfg.strategy]
     if (cfg.strategy.get("name") == "auto" and nodes) or (cfg.strategy.get("name") != "auto" and auto_keys):
         given = next((o.partition("=")[2] for o in _user_overrides() if o.startswith("strategy=")), None)
         reason = (
@@ -307,7 +298,7 @@ def _check_strategy_keys(cfg: DictConfig) -> None:
     for key, value in cfg.strategy.items():
         if isinstance(value, DictConfig) and "_target_" in value:
             continue
-        allowed = ["name", *_AUTO_OPTIONS] if auto else ["name"]
+        allowed = ["name", *options] if auto else ["name"]
         if key not in allowed:
             takes = ", ".join([*allowed, *(k for k, v in cfg.strategy.items() if isinstance(v, DictConfig))])
             reason = f"unknown key for strategy={cfg.strategy.name}; it takes {takes}"
@@ -316,7 +307,7 @@ def _check_strategy_keys(cfg: DictConfig) -> None:
         margin = cfg.strategy.get("margin", 0.1)
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
             raise ConfigError("strategy.margin", margin, "must be a number in [0, 1) (a fraction of the card)")
-        for key in [k for k in _AUTO_OPTIONS if k.startswith("allow_")]:
+        for key in [k for k in options if k.startswith("allow_")]:
             if not isinstance(cfg.strategy.get(key, False), bool):
                 raise ConfigError(f"strategy.{key}", cfg.strategy.get(key), "must be true or false")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -23,15 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.profiles import GPUProfile, gpu_profile
+from lightning_lowvram.registry import Strategy, on_register, strategies
 
-# strategy=auto's own keys (the planner's arguments, conf/strategy/auto.yaml) and their defaults: the CLI and
-# lowvram_setup read this one table
-AUTO_OPTIONS: dict[str, Any] = {
-    "margin": 0.1,
-    "allow_int8_base": False,
-    "allow_low_bit_base": False,
-    "allow_bf16_base": True,
-}
+
+def auto_options() -> dict[str, Any]:
+    """``strategy=auto``'s own keys and their defaults: the margin, and every registered strategy's plan switches."""
+    from lightning_lowvram.planner.search import plan_options
+
+    return {"margin": 0.1, **plan_options()}
+
 
 #: the key of a ``strategy`` node holding the Trainer's own strategy (``strategy=fsdp2``), not a callback
 TRAINER_STRATEGY = "trainer_strategy"
@@ -91,6 +91,124 @@ class LowVRAMSetup:
         return memory_budget(self.profile, device=device)
 
 
+class NodeError(ValueError):
+    """A node a strategy's declaration refuses: ``key=value: reason`` (the CLI prints it as one line).
+
+    Args:
+        key: The dotted config key at fault.
+        value: Its value.
+        reason: Why it was refused.
+
+    """
+
+    def __init__(self, key: str, value: Any, reason: str) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"{key}={value}: {reason}")
+
+
+def check_nodes(cfg: DictConfig) -> None:
+    """Check every callback and Trainer-strategy node against its strategy's declared config, before building any.
+
+    Raises:
+        NodeError: The first key a declaration refuses (unknown, or a value of the wrong type or not among its
+            Literal's members), naming the key and the value.
+
+    """
+    from hydra.utils import get_class
+
+    declared = {s.load(): s for s in strategies()}
+    nodes = list(callback_nodes(cfg))
+    node = trainer_strategy_node(cfg)
+    nodes += [(f"strategy.{TRAINER_STRATEGY}", node)] if node is not None else []
+    for key, node in nodes:
+        try:
+            strategy = declared.get(get_class(node._target_))
+        except Exception:  # an unresolvable target: instantiating it says so  # noqa: BLE001
+            continue
+        if strategy is None:
+            continue  # a callback of the user's own
+        refused = strategy.check(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
+        if refused is not None:
+            name, value, reason = refused
+            raise NodeError(f"{key}.{name}", _show(value), reason)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def compose_strategies(
+    cfg: DictConfig,
+    profile: GPUProfile,
+    model: Any = None,
+    batch: Any = None,
+    *,
+    instantiate: Callable[..., Any] | None = None,
+    plan_only: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The one composition of a config's strategies: the CLI, :func:`lowvram_setup` and Python all come here.
+
+    Checks the nodes against their declarations, builds the ``callbacks`` and ``strategy`` nodes and the Trainer's
+    strategy, and for ``strategy=auto`` on a card plans with ``model`` and ``batch`` and adds the plan's callbacks and
+    Trainer arguments. CPU offload is offered where it can run (CUDA here) or when only planning.
+
+    Args:
+        cfg: The composed config.
+        profile: The card.
+        model: The model, for ``strategy=auto``.
+        batch: An example training batch, for ``strategy=auto``.
+        instantiate: Builds a node: ``instantiate(node, key)`` (the CLI's names the key of a failing node); default
+            Hydra's.
+        plan_only: Plan without applying (``lowvram plan``): the plan is returned, not added.
+
+    Returns:
+        ``(callbacks by key, Trainer kwargs, plan or None)``.
+
+    Raises:
+        NodeError: A node its declaration refuses.
+        ValueError: ``strategy=auto`` without a model and a batch, bad plan options or ``trainer.devices``, or
+            (unless ``plan_only``) nothing fits.
+
+    """
+    from hydra.utils import instantiate as hydra_instantiate
+
+    from lightning_lowvram.callbacks.from_plan import plan_callbacks
+
+    build = instantiate or (lambda node, key: hydra_instantiate(node))
+    check_nodes(cfg)
+    callbacks = {key: build(node, key) for key, node in callback_nodes(cfg)}
+    node = trainer_strategy_node(cfg)
+    trainer_kwargs = {"strategy": build(node, f"strategy.{TRAINER_STRATEGY}")} if node is not None else {}
+    strategy = cfg.get("strategy") or {}
+    if not (plan_only or strategy.get("name") == "auto") or profile.usable_bytes is None:
+        return callbacks, trainer_kwargs, None  # no card, no limit: plain
+    if model is None or batch is None:
+        raise ValueError("strategy=auto: lowvram_setup(cfg, model=..., batch=...) needs the model and a training batch")
+    import torch
+
+    from lightning_lowvram.planner import plan
+
+    options = {k: strategy.get(k, d) for k, d in auto_options().items()}
+    offload = plan_only or torch.cuda.is_available()  # CPU offload runs on CUDA devices only
+    chosen = plan(model, batch, profile, devices=planned_devices(cfg), allow_offload=offload, **options)
+    if plan_only:
+        return callbacks, trainer_kwargs, chosen
+    if chosen.chosen is None:
+        raise NothingFitsError(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
+    callbacks |= {f"strategy.{type(c).__name__}": c for c in plan_callbacks(chosen)}
+    return callbacks, trainer_kwargs | chosen.trainer_kwargs(), chosen
+
+
+class NothingFitsError(ValueError):
+    """``strategy=auto``: even the smallest setting exceeds the card (the message says what to try)."""
+
+
 def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch: Any = None) -> LowVRAMSetup:
     """Turn a composed config's ``gpu``, ``strategy`` and ``callbacks`` into callbacks, Trainer kwargs and a budget.
 
@@ -100,7 +218,8 @@ def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch
         batch: An example training batch, for ``strategy=auto``.
 
     Raises:
-        ValueError: A bad ``gpu`` node, or ``strategy=auto`` on a card without ``model`` and ``batch``.
+        ValueError: A bad ``gpu`` node, a node its strategy's declaration refuses, or ``strategy=auto`` on a card
+            without ``model`` and ``batch`` (or where nothing fits).
 
     Example:
         >>> from hydra import compose, initialize_config_module
@@ -111,25 +230,25 @@ def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch
         ('t4_16gb', ['AutoMicroBatchCallback', 'MemoryReportCallback'])
 
     """
-    from hydra.utils import instantiate
-
-    from lightning_lowvram.callbacks.from_plan import plan_callbacks
-
     profile = (
         GPUProfile.from_config(OmegaConf.to_container(cfg.gpu, resolve=True)) if "gpu" in cfg else gpu_profile("auto")
     )
-    callbacks = [instantiate(node) for _, node in callback_nodes(cfg)]
-    node = trainer_strategy_node(cfg)
-    own = {"strategy": instantiate(node)} if node is not None else {}
-    strategy = cfg.get("strategy") or {}
-    if strategy.get("name") != "auto" or profile.usable_bytes is None:
-        return LowVRAMSetup(profile, callbacks, own)
-    if model is None or batch is None:
-        raise ValueError("strategy=auto: lowvram_setup(cfg, model=..., batch=...) needs the model and a training batch")
-    from lightning_lowvram.planner import plan
+    callbacks, trainer_kwargs, chosen = compose_strategies(cfg, profile, model, batch)
+    return LowVRAMSetup(profile, list(callbacks.values()), trainer_kwargs, chosen)
 
-    options = {k: strategy.get(k, d) for k, d in AUTO_OPTIONS.items()}
-    chosen = plan(model, batch, profile, devices=planned_devices(cfg), **options)
-    if chosen.chosen is None:
-        raise ValueError(f"strategy=auto on {profile.name}: {chosen.nothing_fits()}")
-    return LowVRAMSetup(profile, [*callbacks, *plan_callbacks(chosen)], chosen.trainer_kwargs(), chosen)
+
+def _store_node(strategy: Strategy) -> None:
+    """Put a registered strategy's node in Hydra's ConfigStore (``callbacks=[...,lowvram_<name>]``), unless shipped.
+
+    The shipped nodes are files under ``conf/callbacks`` (tested against their declarations); one registered from
+    outside the package gets its node generated from its config dataclass.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    if strategy.kind != "callback" or strategy.target.startswith("lightning_lowvram."):
+        return  # the package's own: a file under conf/callbacks (tests/test_conf.py holds it to its declaration)
+    node = {"_target_": strategy.target, "_convert_": "all", **strategy.defaults()}
+    ConfigStore.instance().store(group="callbacks", name=strategy.node, node=node, package=f"callbacks.{strategy.node}")
+
+
+on_register(_store_node)

@@ -200,7 +200,7 @@ def _matches(value: Any, hint: Any) -> bool:
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is Literal:
-        return "one of " + ", ".join(_yaml(a) for a in typing.get_args(hint))
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if hint is type(None):
