@@ -47,3 +47,37 @@ def test_the_fsdp2_node_lists_the_strategy_signature_with_its_defaults():
     cls = get_class(node.pop("_target_"))
     params = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
     assert node == params
+
+
+def _declared():
+    from lightning_lowvram.registry import strategies
+
+    return {s.node: s for s in strategies() if s.target.startswith("lightning_lowvram.")}
+
+
+@pytest.mark.parametrize("path", NODES, ids=[p.stem for p in NODES])
+def test_every_callback_node_is_its_strategys_declaration(path):
+    import dataclasses
+
+    node = yaml.safe_load(path.read_text())
+    strategy = _declared().get(path.stem)
+    assert strategy is not None and strategy.kind == "callback", f"{path.name} is no registered strategy's node"
+    assert get_class(node.pop("_target_")) is strategy.load()
+    node.pop("_convert_")
+    assert node == strategy.defaults()  # the same keys, in the same order, with the same defaults
+    signature = inspect.signature(strategy.load().__init__).parameters
+    assert [f.name for f in dataclasses.fields(strategy.config)] == [n for n in signature if n != "self"]
+    assert strategy.summary and strategy.check(node) is None  # its own defaults pass its checks
+
+
+def test_every_declared_strategy_has_its_node_and_the_auto_node_lists_the_planner_switches():
+    from lightning_lowvram.hydra_setup import auto_options
+
+    for name, strategy in _declared().items():
+        folder = "callbacks" if strategy.kind == "callback" else "parallel"
+        node = yaml.safe_load((CONF / folder / f"{name}.yaml").read_text())
+        assert get_class(node.pop("_target_")) is strategy.load()
+        node.pop("_convert_", None)
+        assert node == strategy.defaults(), name
+    auto = yaml.safe_load((CONF / "strategy" / "auto.yaml").read_text())
+    assert auto.pop("name") == "auto" and auto == auto_options()

@@ -41,3 +41,34 @@ def test_the_fsdp2_node_is_the_trainers_strategy_and_plans_count_the_cards():
     cfg = _cfg("gpu=rtx3090_24gb", "strategy=auto", "trainer.devices=2")
     setup = lowvram_setup(cfg, model=DigitsMLP(), batch=batch)
     assert setup.plan.devices == 2 and setup.trainer_kwargs["devices"] == 2  # DDP: the MLP fits one card
+
+
+def _described(callbacks):
+    """Each callback's class and public state (the CLI's summary prints the tables the callbacks would)."""
+    hidden = ("_", "print_table")
+    return sorted((type(c).__name__, sorted((k, repr(v)) for k, v in vars(c).items() if not k.startswith(hidden)))
+                  for c in callbacks)  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["[lora_4bit,micro_batch,checkpointing]", "auto"])
+def test_the_cli_a_foreign_app_and_python_compose_the_same_callbacks_and_trainer_arguments(strategy, tmp_path):
+    from lightning_lowvram import plan, plan_callbacks
+    from lightning_lowvram.cli import build
+
+    overrides = ["gpu=rtx3060_12gb", "gpu.memory_gib=0.03", "gpu.context_mib=0", f"strategy={strategy}",
+                 "model=tiny_gpt", "data=tiny_text", "+model.n_layer=2", "+model.lora_rank=4",
+                 f"trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    cfg = _cfg(*overrides)
+    parts = build(cfg)
+    model, data = parts["model"], parts["data"]
+    batch = next(iter(data.train_dataloader()))
+    setup = lowvram_setup(cfg, model=model, batch=batch)
+    cli = [c for c in parts["trainer"].callbacks if type(c).__module__.startswith("lightning_lowvram")]
+    assert _described(cli) == _described(setup.callbacks)
+    assert parts["trainer"].precision == setup.trainer_kwargs.get("precision", "32-true")
+    if strategy == "auto":  # and Python: plan, plan_callbacks, trainer_kwargs
+        chosen = plan(model, batch, setup.profile)
+        assert chosen.chosen is not None and not chosen.candidates[0].fits and plan_callbacks(chosen), chosen.table()
+        ours = [c for c in setup.callbacks if type(c).__name__ != "MemoryReportCallback"]
+        assert _described(plan_callbacks(chosen)) == _described(ours)
+        assert chosen.trainer_kwargs() == setup.trainer_kwargs
