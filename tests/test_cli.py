@@ -96,7 +96,7 @@ def test_overrides_reach_the_trainer_and_model(tmp_path):
         (["command=train"], "command=train: unknown; allowed: fit"),
         # a constructor's reason is in the line, not only Hydra's "Error in call to target"
         (["strategy=prune", "strategy.pruning.amount=2"], r"strategy.pruning.amount=2: must be a number in \[0, 1\)"),
-        (["strategy=micro_batch", "strategy.micro_batch.count_fn=tokens"], "count_fn=tokens: must be one of .causal_lm_tokens.,"),
+        (["strategy=micro_batch", "strategy.micro_batch.count_fn=tokens"], "count_fn=tokens: must be one of .causal"),
         (["strategy=chunked_ce"], r"strategy=.*DigitsMLP holds no Hugging Face \*ForCausal"),
         (["strategy=chunked_ce", "strategy.chunked_ce.chunk_size=0"], r"chunk_size=0: .*must be an integer >= 1"),
         (["strategy=chunked_ce", "strategy.chunked_ce.backend=fast"], r"backend=fast: must be one of .auto.,"),
