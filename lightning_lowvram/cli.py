@@ -83,13 +83,7 @@ def _user_overrides() -> list[str]:
 
 def _blame(node: Any, prefix: str, reason: str) -> ConfigError:
     """The error for a rejected node: the argument its reason names (the user's override first), else its target."""
-    keys = [k for k in (node.keys() if isinstance(node, DictConfig) else []) if not str(k).startswith("_")]
-    named = [k for k in keys if re.search(rf"(?<!\w){re.escape(str(k))}(?!\w)", reason, re.IGNORECASE)]
-    overridden = {o.lstrip("+~").split("=", 1)[0] for o in _user_overrides()}
-    given = [k for k in keys if f"{prefix}.{k}" in overridden]
-    pick = next((k for k in named if k in given), None) or (named[0] if named else None)
-    if pick is None and len(given) == 1 and not named:
-        pick = given[0]
+    pick = _blamed_key(node, prefix, reason)
     if pick is not None:
         return ConfigError(f"{prefix}.{pick}", node.get(pick), _drop_key(reason, f"{prefix}.{pick}"))
     group = prefix.split(".")[0]
@@ -97,6 +91,16 @@ def _blame(node: Any, prefix: str, reason: str) -> ConfigError:
     if choice is not None and prefix == group:
         return ConfigError(group, choice, reason)
     return ConfigError(f"{prefix}._target_", node.get("_target_") if isinstance(node, DictConfig) else None, reason)
+
+
+def _blamed_key(node: Any, prefix: str, reason: str) -> str | None:
+    """The node's key a reason names (one the user overrode first), else the only one the user overrode."""
+    keys = [k for k in (node.keys() if isinstance(node, DictConfig) else []) if not str(k).startswith("_")]
+    named = [k for k in keys if re.search(rf"(?<!\w){re.escape(str(k))}(?!\w)", reason, re.IGNORECASE)]
+    overridden = {o.lstrip("+~").split("=", 1)[0] for o in _user_overrides()}
+    given = [k for k in keys if f"{prefix}.{k}" in overridden]
+    pick = next((k for k in named if k in given), None) or (named[0] if named else None)
+    return given[0] if pick is None and len(given) == 1 and not named else pick
 
 
 def _drop_key(reason: str, key: str) -> str:
@@ -284,32 +288,38 @@ def _ckpt_path(cfg: DictConfig) -> str | None:
 
 
 def _check_strategy_keys(cfg: DictConfig) -> None:
+    """``strategy``'s own keys: ``auto`` alone, no unknown key, the auto switches' types."""
     options = auto_options()
+    auto = cfg.strategy.get("name") == "auto"
     nodes = [k for k, v in cfg.strategy.items() if isinstance(v, DictConfig) and "_target_" in v]
-    auto_keys = [k for k in options if k in cfg.strategy]
-    if (cfg.strategy.get("name") == "auto" and nodes) or (cfg.strategy.get("name") != "auto" and auto_keys):
+    if (auto and nodes) or (not auto and any(k in cfg.strategy for k in options)):
         given = next((o.partition("=")[2] for o in _user_overrides() if o.startswith("strategy=")), None)
         reason = (
             "auto stands alone: it picks its own mix (strategy.allow_low_bit_base=true lets it store a frozen base in "
             "4 bits); combine the others, e.g. strategy=[lora_4bit,micro_batch,checkpointing]"
         )
         raise ConfigError("strategy", given or f"[auto, {', '.join(nodes)}]", reason)
-    auto = cfg.strategy.get("name") == "auto"
-    for key, value in cfg.strategy.items():
-        if isinstance(value, DictConfig) and "_target_" in value:
-            continue
-        allowed = ["name", *options] if auto else ["name"]
-        if key not in allowed:
-            takes = ", ".join([*allowed, *(k for k, v in cfg.strategy.items() if isinstance(v, DictConfig))])
-            reason = f"unknown key for strategy={cfg.strategy.name}; it takes {takes}"
-            raise ConfigError(f"strategy.{key}", value, reason)
+    allowed = ["name", *options] if auto else ["name"]
+    unknown = [k for k, v in cfg.strategy.items() if k not in allowed and not _is_node(v)]
+    if unknown:
+        takes = ", ".join([*allowed, *(k for k, v in cfg.strategy.items() if isinstance(v, DictConfig))])
+        reason = f"unknown key for strategy={cfg.strategy.name}; it takes {takes}"
+        raise ConfigError(f"strategy.{unknown[0]}", cfg.strategy[unknown[0]], reason)
     if auto:
-        margin = cfg.strategy.get("margin", 0.1)
-        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
-            raise ConfigError("strategy.margin", margin, "must be a number in [0, 1) (a fraction of the card)")
-        for key in [k for k in options if k.startswith("allow_")]:
-            if not isinstance(cfg.strategy.get(key, False), bool):
-                raise ConfigError(f"strategy.{key}", cfg.strategy.get(key), "must be true or false")
+        _check_auto_values(cfg.strategy, options)
+
+
+def _is_node(value: Any) -> bool:
+    return isinstance(value, DictConfig) and "_target_" in value
+
+
+def _check_auto_values(strategy: DictConfig, options: dict[str, Any]) -> None:
+    margin = strategy.get("margin", 0.1)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+        raise ConfigError("strategy.margin", margin, "must be a number in [0, 1) (a fraction of the card)")
+    for key in [k for k in options if k.startswith("allow_")]:
+        if not isinstance(strategy.get(key, False), bool):
+            raise ConfigError(f"strategy.{key}", strategy.get(key), "must be true or false")
 
 
 def _check_frozen_base(cfg: DictConfig, model: L.LightningModule, callbacks: dict[str, Any]) -> None:
@@ -384,37 +394,45 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for line in parts["context"] or []:
             print(line)
         return {**_print_plan(parts["plan"]), "max_context": parts["context"]}
-    trainer, model, data = parts["trainer"], parts["model"], parts["data"]
+    trainer, data = parts["trainer"], parts["data"]
     if isinstance(data, L.LightningDataModule):
         # datasets live in host memory: build them before an emulated device budget starts counting
         data.prepare_data()
         data.setup("fit")
-    oom = None
     with _gpu_memory(parts["profile"], trainer, cfg.emulate_gpu) as gpu_line:
-        try:
-            trainer.fit(model, datamodule=data, ckpt_path=_ckpt_path(cfg))
-        except torch.OutOfMemoryError as err:
-            if "budget" not in gpu_line:
-                raise
-            oom = err
-        except SystemExit:  # Lightning's answer to Ctrl-C: a graceful shutdown, then exit(1)
-            if trainer.interrupted:
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
-                metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-                print(format_summary(_summary(cfg, parts, gpu_line, metrics)))
-                print(_resume_line(trainer))
-            raise
-        if oom is None:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-            if cfg.test_after_fit and _can_test(model, data) and not trainer.interrupted:
-                trainer.test(model, datamodule=data, verbose=False)  # the summary has the metrics
-                metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        oom = _fit(cfg, parts, gpu_line)
+        metrics = _metrics(trainer) if oom is None else {}
+        if oom is None and cfg.test_after_fit and _can_test(parts["model"], data) and not trainer.interrupted:
+            trainer.test(parts["model"], datamodule=data, verbose=False)  # the summary has the metrics
+            metrics.update(_metrics(trainer))
     if oom is not None:  # advice from the planner, outside the budget
         raise NothingFits(_advice(parts, oom)) from oom
     summary = _summary(cfg, parts, gpu_line, metrics)
     if trainer.is_global_zero:  # one summary for a run on several processes (rank 0's metrics and memory)
         print(format_summary(summary))
     return summary
+
+
+def _fit(cfg: DictConfig, parts: dict[str, Any], gpu_line: str) -> torch.OutOfMemoryError | None:
+    """``trainer.fit``; the budget's OOM is returned (for the advice), Ctrl-C prints the summary and how to resume."""
+    trainer = parts["trainer"]
+    try:
+        trainer.fit(parts["model"], datamodule=parts["data"], ckpt_path=_ckpt_path(cfg))
+    except torch.OutOfMemoryError as err:
+        if "budget" not in gpu_line:
+            raise
+        return err
+    except SystemExit:  # Lightning's answer to Ctrl-C: a graceful shutdown, then exit(1)
+        if trainer.interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
+            print(format_summary(_summary(cfg, parts, gpu_line, _metrics(trainer))))
+            print(_resume_line(trainer))
+        raise
+    return None
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def _resume_line(trainer: L.Trainer) -> str:
@@ -613,22 +631,29 @@ def _composition_error(overrides: list[str]) -> str | None:
         with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
             compose("lowvram", overrides=overrides)
     except HydraException as err:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        text = "; ".join(line for line in lines if not line.startswith("See https://")) or type(err).__name__
-        unparsable = []
-        for override in overrides:
-            try:
-                OverridesParser.create().parse_overrides([override])
-            except HydraException:
-                unparsable.append(override)
-        if unparsable:
-            return f"{unparsable[0]}: not a valid override ({text}); quote a value with '=' or spaces: key='value'"
-        culprit = next((o for o in overrides if (k := o.lstrip("+~").split("=", 1)[0]) and f"'{k}'" in text), None)
-        culprit = culprit or next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] in text), None)
-        return f"{culprit}: {text}" if culprit else text
+        return _override_error(overrides, err)
     return None
+
+
+def _override_error(overrides: list[str], err: Exception) -> str:
+    """Hydra's composition error as one line naming the override at fault."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = "; ".join(line for line in lines if not line.startswith("See https://")) or type(err).__name__
+    unparsable = []
+    for override in overrides:
+        try:
+            OverridesParser.create().parse_overrides([override])
+        except HydraException:
+            unparsable.append(override)
+    if unparsable:
+        return f"{unparsable[0]}: not a valid override ({text}); quote a value with '=' or spaces: key='value'"
+    keys = [(o, o.lstrip("+~").split("=", 1)[0]) for o in overrides]
+    quoted = next((o for o, k in keys if k and f"'{k}'" in text), None)
+    culprit = quoted or next((o for o, k in keys if k in text), None)
+    return f"{culprit}: {text}" if culprit else text
 
 
 def main(argv: list[str] | None = None) -> None:

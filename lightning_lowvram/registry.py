@@ -177,24 +177,28 @@ def _yaml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else ("null" if value is None else str(value))
 
 
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    type(None): lambda v: v is None,
+}
+
+
 def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
+    """Whether a config value fits a field's type: Literal members, unions, lists of those, primitives."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return True
     if origin is Literal:
-        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
+        return any(value == arg and type(value) is type(arg) for arg in args)
     if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None) or hint is None:
-        return value is None
-    if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis] or [Any]
-        return isinstance(value, Sequence) and not isinstance(value, str) and all(_matches(v, args[0]) for v in value)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
+        return any(_matches(value, arg) for arg in args)
+    if origin in (list, tuple, Sequence):
+        listed = isinstance(value, Sequence) and not isinstance(value, str)
+        return listed and all(_matches(v, args[0] if args else Any) for v in value)
+    return _SCALARS.get(hint, lambda v: not isinstance(hint, type) or isinstance(v, hint))(value)
 
 
 def _describe(hint: Any) -> str:

@@ -32,6 +32,7 @@ measurement there is (an H200, issue 12) the estimates are -0.8 % to +1.7 % (``b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -90,55 +91,92 @@ def sdpa_backend(
     """
     if not query.dim() == key.dim() == value.dim() == 4:  # the fused kernels take (batch, heads, seq, head) only
         return "math"
-    major, minor = compute_capability
-    sm = major * 10 + minor
-    dtype, d_qk, d_v = query.dtype, query.shape[-1], value.shape[-1]
-    l_q, l_k = query.shape[-2], key.shape[-2]
-    same_heads = query.shape[-3] == key.shape[-3] == value.shape[-3]
-    if not same_heads and not enable_gqa:
+    x = _Attention(query, key, value, attn_mask, dropout_p, is_causal, compute_capability)
+    if not x.same_heads and not enable_gqa:
         return "math"
-    low_precision = dtype == torch.float16 or (dtype == torch.bfloat16 and major >= 8)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    strides = _last_stride_one(query, key, value)
+    return next((name for name, takes in _KERNELS if takes(x)), "math")
 
-    cudnn_card = (major == 9 and minor == 0) or major == 10
-    if (
-        cudnn_card
-        and low_precision
-        and d_qk <= 128
-        and d_v <= 128
-        and d_qk % 8 == 0
-        and d_v % 8 == 0
-        and dropout_p * 16 == math.floor(dropout_p * 16)
-        and l_k != 1
-        and strides
-    ):
-        return "cudnn"
 
-    flash_head = d_qk == key.shape[-1] == d_v and d_qk <= 256
-    if needs_grad and (86 <= sm <= 89 or 120 <= sm <= 121):  # flash's backward limits on these cards
-        flash_head = flash_head and (d_qk <= 192 or (dropout_p == 0 and d_qk > 224))
-    if (
-        80 <= sm <= 121
-        and low_precision
-        and attn_mask is None
-        and flash_head
-        and not (is_causal and l_q != l_k)
-        and strides
-    ):
-        return "flash"
+@dataclasses.dataclass(frozen=True)
+class _Attention:
+    """What the kernel rules read of one attention call."""
 
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    dropout_p: float
+    is_causal: bool
+    capability: tuple[int, int]
+
+    @property
+    def sm(self) -> int:
+        return self.capability[0] * 10 + self.capability[1]
+
+    @property
+    def same_heads(self) -> bool:
+        return self.query.shape[-3] == self.key.shape[-3] == self.value.shape[-3]
+
+    @property
+    def low_precision(self) -> bool:
+        dtype = self.query.dtype
+        return dtype == torch.float16 or (dtype == torch.bfloat16 and self.capability[0] >= 8)
+
+    @property
+    def heads(self) -> tuple[int, int, int]:
+        """Head sizes of query, key and value."""
+        return self.query.shape[-1], self.key.shape[-1], self.value.shape[-1]
+
+    @property
+    def strides(self) -> bool:
+        return _last_stride_one(self.query, self.key, self.value)
+
+
+def _cudnn(x: _Attention) -> bool:
+    """The cuDNN kernel (first on sm90 / sm100): half precision, heads <= 128 and multiples of 8, dropout in 16ths."""
+    d_qk, _, d_v = x.heads
+    major, minor = x.capability
+    return all([
+        (major, minor) == (9, 0) or major == 10, x.low_precision, d_qk <= 128, d_v <= 128, d_qk % 8 == 0,
+        d_v % 8 == 0, x.dropout_p * 16 == math.floor(x.dropout_p * 16), x.key.shape[-2] != 1, x.strides,
+    ])  # fmt: skip
+
+
+def _flash(x: _Attention) -> bool:
+    """Flash (sm80-sm121): half precision, no mask, equal head sizes <= 256 (less for backward on some cards)."""
+    d_qk, d_k, d_v = x.heads
+    head = d_qk == d_k == d_v and d_qk <= 256
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x.query, x.key, x.value))
+    if needs_grad and (86 <= x.sm <= 89 or 120 <= x.sm <= 121):  # flash's backward limits on these cards
+        head = head and (d_qk <= 192 or (x.dropout_p == 0 and d_qk > 224))
+    causal_square = not (x.is_causal and x.query.shape[-2] != x.key.shape[-2])
+    return all([80 <= x.sm <= 121, x.low_precision, x.mask is None, head, causal_square, x.strides])
+
+
+def _efficient(x: _Attention) -> bool:
+    """Memory-efficient (sm50+): aligned head sizes and offsets, no grouped-query inputs.
+
+    It takes no grouped-query inputs (``check_batch_size_and_num_heads_dense<false>``): GQA that neither cuDNN nor
+    flash takes runs on the math path, which repeats the key/value heads.
+    """
+    d_qk, d_k, d_v = x.heads
+    major = x.capability[0]
+    dtype = x.query.dtype
     alignment = _gemm_alignment(dtype, major)
-    efficient_dtypes = (torch.float16, torch.float32, torch.bfloat16) if major >= 8 else (torch.float16, torch.float32)
-    aligned = d_qk == key.shape[-1] and d_qk % alignment == 0 and d_v % alignment == 0
+    dtypes = (torch.float16, torch.float32, torch.bfloat16) if major >= 8 else (torch.float16, torch.float32)
+    aligned = d_qk == d_k and d_qk % alignment == 0 and d_v % alignment == 0
     if major >= 8:  # storage offsets too (q, k, v are often views into one projection)
-        aligned = aligned and all(t.storage_offset() % alignment == 0 for t in (query, key, value))
-    # memory-efficient attention takes no grouped-query inputs (``check_batch_size_and_num_heads_dense<false>``):
-    # GQA that neither cuDNN nor flash takes runs on the math path, which repeats the key/value heads
-    dense = same_heads and all(t.stride(-1) == 1 for t in (query, key, value))
-    if sm >= 50 and aligned and dtype in efficient_dtypes and dense:
-        return "efficient"
-    return "math"
+        aligned = aligned and all(t.storage_offset() % alignment == 0 for t in (x.query, x.key, x.value))
+    dense = x.same_heads and all(t.stride(-1) == 1 for t in (x.query, x.key, x.value))
+    return all([x.sm >= 50, aligned, dtype in dtypes, dense])
+
+
+# PyTorch's priority for dense inputs (sdp_utils.cpp): the first kernel whose constraints hold runs, else math
+_KERNELS: tuple[tuple[SDPABackend, Callable[[_Attention], bool]], ...] = (
+    ("cudnn", _cudnn),
+    ("flash", _flash),
+    ("efficient", _efficient),
+)
 
 
 def cuda_sdpa(

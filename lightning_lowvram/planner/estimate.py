@@ -197,35 +197,15 @@ def estimate_step_memory(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     chosen = _strategies({**(strategies or {}), **({"optimizer_8bit": True} if optimizer_8bit else {})})
-    flags = {k: v for s, value in chosen if s.trace is not None for k, v in s.trace(value).items() if v}
-    activation_checkpointing = activation_checkpointing or flags.get("activation_checkpointing", False)
-    offload_activations = offload_activations or flags.get("offload_activations", False)
-    tiled_mlp = tiled_mlp or flags.get("tiled_mlp", False)
-    chunked_cross_entropy = chunked_cross_entropy or flags.get("chunked_cross_entropy", False)
-    bf16_base = bf16_base or flags.get("bf16_base", False)
-    if offload_activations and not activation_checkpointing:
-        raise ValueError(
-            "offload_activations=True moves checkpointed blocks' inputs to host memory: it needs "
-            "activation_checkpointing=True (ActivationCheckpointingCallback(offload=True))"
-        )
-    if bf16_base:
-        from lightning_lowvram.lowbit import check_precision
-
-        check_precision(16, precision)
+    applied = _applied(chosen, precision, activation_checkpointing, chunked_cross_entropy, offload_activations,
+                       bf16_base, tiled_mlp)  # fmt: skip
     spec = shard_spec(devices, sharding, offload)
-    profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
-    cuda = device == "cuda" or (device is None and profile is not None and profile.memory_gib is not None)
-    capability = None
-    if cuda:
-        capability = (profile.compute_capability if profile is not None else None) or DEFAULT_CAPABILITY
+    profile, capability = _target(gpu, device)
     n = batch_size_of(batch)
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     micro = min(micro_batch_size or n, n)
     split = micro < n  # later micro-batches of a step run with the step's gradients already there
-
-    prepared = tuple((s.prepare, value) for s, value in chosen if s.prepare is not None)
-    applied = (activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled_mlp, prepared)
     step = (module, slice_batch(batch, 0, micro, n), split, precision, optimizer, applied, capability, spec)
     try:
         per_phase, work, state, moved, traced = _traced(step, extrapolate_blocks)
@@ -235,33 +215,74 @@ def estimate_step_memory(
         _real_run_instead(module, err)
         per_phase, work, state, moved = _run(*step, fake=False)
         method, traced = "measured", None
-    allowance = int(profile.context_mib * MiB) if cuda and profile is not None else 0
+    cuda = capability is not None
     device_phases, host = offloaded(per_phase, spec.offload if spec else "none", *state)
+    buckets = ddp_bucket_bytes(module, precision, cuda) if spec and spec.sharding == "none" else 0
+    estimate = _assembled(device_phases, buckets, int(profile.context_mib * MiB) if cuda and profile else 0)
+    estimate = dataclasses.replace(
+        estimate, device="cuda" if cuda else "cpu", gpu=profile.name if profile is not None else None, method=method,
+        work=work, devices=spec.devices if spec else 1, host=host + moved, offloaded_activations=moved,
+        traced_blocks=traced,
+    )  # fmt: skip
+    if not modelled:
+        return estimate
+    ctx = StepContext(module, precision, (precision,), spec is None or spec.sharding == "none", applied[1], {}, {},
+                      optimizer)  # fmt: skip
+    for strategy, value in chosen:
+        estimate = strategy.model(estimate, value, ctx) if strategy.model is not None else estimate
+    return estimate
+
+
+def _applied(
+    chosen: list[tuple[Strategy, Any]], precision: str, checkpointing: bool, chunked: bool, offload: bool,
+    bf16_base: bool, tiled: bool,
+) -> tuple[Any, ...]:  # fmt: skip
+    """What the traced copy gets: the flags, or the same from registered strategies' ``trace``, and their ``prepare``.
+
+    Raises:
+        ValueError: Offloaded activations without checkpointing, a bfloat16 base under another precision.
+
+    """
+    flags = {k: v for s, value in chosen if s.trace is not None for k, v in s.trace(value).items() if v}
+    checkpointing = checkpointing or flags.get("activation_checkpointing", False)
+    offload = offload or flags.get("offload_activations", False)
+    if offload and not checkpointing:
+        raise ValueError(
+            "offload_activations=True moves checkpointed blocks' inputs to host memory: it needs "
+            "activation_checkpointing=True (ActivationCheckpointingCallback(offload=True))"
+        )
+    bf16_base = bf16_base or flags.get("bf16_base", False)
+    if bf16_base:
+        from lightning_lowvram.lowbit import check_precision
+
+        check_precision(16, precision)
+    chunked = chunked or flags.get("chunked_cross_entropy", False)
+    tiled = tiled or flags.get("tiled_mlp", False)
+    prepared = tuple((s.prepare, value) for s, value in chosen if s.prepare is not None)
+    return checkpointing, chunked, offload, bf16_base, tiled, prepared
+
+
+def _target(gpu: str | GPUProfile | None, device: str | None) -> tuple[GPUProfile | None, tuple[int, int] | None]:
+    """The card's profile and, where CUDA's rules apply, its compute capability (``None``: the CPU's rules)."""
+    profile = gpu_profile(gpu) if isinstance(gpu, str) else gpu
+    cuda = device == "cuda" or (device is None and profile is not None and profile.memory_gib is not None)
+    if not cuda:
+        return profile, None
+    return profile, (profile.compute_capability if profile is not None else None) or DEFAULT_CAPABILITY
+
+
+def _assembled(device_phases: dict[str, dict[str, int]], buckets: int, allowance: int) -> MemoryEstimate:
+    """The estimate's bytes: the peak phase's categories (DDP's buckets among the gradients), each phase's peak."""
     peak_phase = max(device_phases, key=lambda p: sum(device_phases[p].values()))
     by_category = dict(device_phases[peak_phase])
-    buckets = ddp_bucket_bytes(module, precision, cuda) if spec and spec.sharding == "none" else 0
     by_category["gradients"] = by_category.get("gradients", 0) + buckets
-    estimate = MemoryEstimate(
+    return MemoryEstimate(
         peak=sum(by_category.values()) + allowance,
         by_category=by_category,
         by_phase={phase: sum(device_phases[phase].values()) + buckets for phase in PHASES},
         allowance=allowance,
-        device="cuda" if cuda else "cpu",
-        gpu=profile.name if profile is not None else None,
-        method=method,
-        work=work,
-        devices=spec.devices if spec else 1,
-        host=host + moved,
-        offloaded_activations=moved,
-        traced_blocks=traced,
+        device="cpu",
     )
-    if not modelled:
-        return estimate
-    ctx = StepContext(module, precision, (precision,), spec is None or spec.sharding == "none",
-                      chunked_cross_entropy, {}, {}, optimizer)  # fmt: skip
-    for strategy, value in chosen:
-        estimate = strategy.model(estimate, value, ctx) if strategy.model is not None else estimate
-    return estimate
 
 
 def _strategies(values: Mapping[str, Any]) -> list[tuple[Strategy, Any]]:
