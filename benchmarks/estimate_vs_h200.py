@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lowvram import estimate_step_memory, gpu_profile
-from tests.real_models.models import HFModule, resnet18
+from lightning_lowvram.demo.hf import HFModule
+from lightning_lowvram.demo.resnet import resnet18
 
 H200 = dataclasses.replace(gpu_profile("h200_141gb"), context_mib=0)
 
@@ -60,7 +61,7 @@ def text(batch: int, seq: int) -> dict[str, torch.Tensor]:
 
 def cache_kept() -> contextlib.AbstractContextManager:
     """The checkpointing callback as measured: HF's key/value cache left on."""
-    return mock.patch("lightning_lowvram.checkpointing._cache_off", lambda model: None)
+    return mock.patch("lightning_lowvram.cores.activation_checkpointing._cache_off", lambda model: None)
 
 
 # (row, module factory, batch, estimate keywords, measured MiB on the H200 or None, context of the trace)

@@ -53,7 +53,8 @@ def _other_families() -> dict[str, tuple[torch.nn.Module, object]]:
     """HF Llama and BERT (random init from configs) and resnet18's shapes, as users wrap them."""
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from tests.real_models.models import HFModule, ResNetModule, resnet18
+    from lightning_lowvram.demo.hf import HFModule
+    from lightning_lowvram.demo.resnet import ResNetModule, resnet18
 
     def tokens(n: int, labels: str = "ids") -> dict[str, torch.Tensor]:
         ids = torch.randint(1, 1000, (n, 512))

@@ -46,7 +46,7 @@ def main() -> None:
         sys.exit(0)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tests.real_models.models import HFModule
+    from lightning_lowvram.demo.hf import HFModule
 
     def module() -> HFModule:
         torch.manual_seed(0)

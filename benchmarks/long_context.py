@@ -27,7 +27,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_lowvram.lowbit import low_bit_phases
+from lightning_lowvram.cores.low_bit_base import low_bit_phases
 from lightning_lowvram.planner.context import longest_sequence
 
 CONTEXT = 131072  # both models' max_position_embeddings: the search stops there

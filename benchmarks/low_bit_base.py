@@ -19,8 +19,8 @@ from importlib import resources
 
 import torch
 
-from lightning_lowvram.lowbit import frozen_linear_layers, quantize_frozen_base
-from lightning_lowvram.quantization import linear_bytes
+from lightning_lowvram.cores.dynamic_quant import linear_bytes
+from lightning_lowvram.cores.low_bit_base import frozen_linear_layers, quantize_frozen_base
 
 STEPS, SEQ, BATCH = 200, 128, 8
 

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import BatchSizeFinder, Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.common import quiet_trainer
 from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, memory_budget
 
 BATCH, MICRO, FEATURES, WIDTH, SAMPLES = 1024, 256, 64, 1024, 16384
@@ -83,16 +84,7 @@ class Clock(Callback):
 
 
 def _trainer(callbacks, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    return quiet_trainer(callbacks=callbacks, **kwargs)
 
 
 def _fit(loader_batch: int, callbacks: list, budget: int | None = None, **kwargs) -> tuple[Net, Data, float]:

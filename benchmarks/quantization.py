@@ -1,7 +1,7 @@
 """fp32 vs every int8 backend available here, on a Linear-heavy MLP and the trained digits MLP; one run, one table.
 
 Rows: fp32; ours (``quantize_dynamic_int8``, backend ``auto``, what DynamicQuantCallback runs); every backend of
-``lightning_lowvram.quantization.BACKENDS`` that runs on this device; and the blog recipe users copy,
+``lightning_lowvram.cores.dynamic_quant.BACKENDS`` that runs on this device; and the blog recipe users copy,
 ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``. Bytes of the Linear layers (from
 tensors), median latency per batch, and accuracy (digits: test accuracy; the random 4 x 1024 MLP: agreement of the
 argmax with fp32).
@@ -24,8 +24,13 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_lowvram.cores.dynamic_quant import (
+    available_backends,
+    choose_backend,
+    linear_bytes,
+    quantize_dynamic_int8,
+)
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
-from lightning_lowvram.quantization import available_backends, choose_backend, linear_bytes, quantize_dynamic_int8
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 50) -> float:

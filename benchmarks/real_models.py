@@ -27,12 +27,13 @@ from datetime import date
 import torch
 from torch import nn
 
+from benchmarks.common import quiet_trainer
 from lightning_lowvram import AutoMicroBatchCallback
-from lightning_lowvram.pruning import prune_structured
-from lightning_lowvram.pruning_units import find_units
-from lightning_lowvram.quantization import module_bytes, quantize_dynamic_int8
-from tests.helpers import quiet_trainer
-from tests.real_models.models import HFModule, TinyResNet, hf_batches, hf_model
+from lightning_lowvram.cores.dynamic_quant import module_bytes, quantize_dynamic_int8
+from lightning_lowvram.cores.pruning import prune_structured
+from lightning_lowvram.cores.pruning_units import find_units
+from lightning_lowvram.demo.hf import HFModule, hf_batches, hf_model
+from lightning_lowvram.demo.resnet import TinyResNet
 
 NAMES = ("gpt2", "llama", "bert", "resnet")
 COUNTS = {"gpt2": "causal_lm_tokens", "llama": "causal_lm_tokens", "bert": None, "resnet": None}

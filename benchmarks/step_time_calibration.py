@@ -23,9 +23,9 @@ import warnings
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from lightning_lowvram.demo.hf import HFModule
 from lightning_lowvram.memory.profiles import gpu_profile
 from lightning_lowvram.planner import estimate_step_memory, timing
-from tests.real_models.models import HFModule
 
 H200 = gpu_profile("h200_141gb")
 RATIOS_512 = {"bf16-mixed": 0.35, "micro 4": 1.20, "checkpointing": 1.19}  # vs fp32, whole batch

@@ -1,6 +1,5 @@
 """lightning-lowvram: train and run models that are too big for your GPU, with Lightning."""
 
-from lightning_lowvram.batching import merge_outputs, split_batch
 from lightning_lowvram.callbacks import (
     ActivationCheckpointingCallback,
     AutoMicroBatchCallback,
@@ -10,11 +9,14 @@ from lightning_lowvram.callbacks import (
     LowBitBaseCallback,
     MemoryReportCallback,
     PruningCallback,
-    plan_callbacks,
 )
-from lightning_lowvram.chunked_ce import linear_cross_entropy
-from lightning_lowvram.chunked_ce_hf import apply_chunked_cross_entropy
-from lightning_lowvram.fsdp2 import FSDP2Strategy, apply_fsdp2
+from lightning_lowvram.compose import plan_callbacks
+from lightning_lowvram.cores.batches import merge_outputs, split_batch
+from lightning_lowvram.cores.chunked_cross_entropy import linear_cross_entropy
+from lightning_lowvram.cores.chunked_cross_entropy_hf import apply_chunked_cross_entropy
+from lightning_lowvram.cores.dynamic_quant import load_quantized
+from lightning_lowvram.cores.fsdp2 import apply_fsdp2
+from lightning_lowvram.cores.pruning import load_pruned
 from lightning_lowvram.memory import (
     GPUProfile,
     MemoryMeter,
@@ -26,8 +28,7 @@ from lightning_lowvram.memory import (
     memory_budget,
 )
 from lightning_lowvram.planner import MemoryEstimate, Plan, estimate_step_memory, plan
-from lightning_lowvram.pruning import load_pruned
-from lightning_lowvram.quantization import load_quantized
+from lightning_lowvram.strategies import FSDP2Strategy
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.profiles import GPUProfile, gpu_profile
@@ -92,7 +92,9 @@ class LowVRAMSetup:
 
 
 class NodeError(ValueError):
-    """A node a strategy's declaration refuses: ``key=value: reason`` (the CLI prints it as one line).
+    """A node a strategy's declaration refuses: ``key=value: reason``, the value as written on the command line.
+
+    The CLI's ``ConfigError`` is one (it prints as one line).
 
     Args:
         key: The dotted config key at fault.
@@ -103,7 +105,20 @@ class NodeError(ValueError):
 
     def __init__(self, key: str, value: Any, reason: str) -> None:
         self.key, self.value, self.reason = key, value, reason
-        super().__init__(f"{key}={value}: {reason}")
+        super().__init__(f"{key}={show(value)}: {reason}")
+
+
+def show(value: Any) -> str:
+    """A config value as it is written on the command line (``null``, ``true``, ``[a,b]``)."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=False)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    return str(value)
 
 
 def check_nodes(cfg: DictConfig) -> None:
@@ -130,17 +145,7 @@ def check_nodes(cfg: DictConfig) -> None:
         refused = strategy.check(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
         if refused is not None:
             name, value, reason = refused
-            raise NodeError(f"{key}.{name}", _show(value), reason)
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
+            raise NodeError(f"{key}.{name}", value, reason)
 
 
 def compose_strategies(
@@ -178,7 +183,7 @@ def compose_strategies(
     """
     from hydra.utils import instantiate as hydra_instantiate
 
-    from lightning_lowvram.callbacks.from_plan import plan_callbacks
+    from lightning_lowvram.compose import plan_callbacks
 
     build = instantiate or (lambda node, key: hydra_instantiate(node))
     check_nodes(cfg)

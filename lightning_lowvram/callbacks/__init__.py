@@ -4,7 +4,6 @@ from lightning_lowvram.callbacks.activation_checkpointing import ActivationCheck
 from lightning_lowvram.callbacks.auto_micro_batch import AutoMicroBatchCallback
 from lightning_lowvram.callbacks.chunked_cross_entropy import ChunkedCrossEntropyCallback
 from lightning_lowvram.callbacks.dynamic_quant import DynamicQuantCallback
-from lightning_lowvram.callbacks.from_plan import plan_callbacks
 from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.callbacks.optimizer_8bit import EightBitOptimizerCallback
@@ -19,5 +18,4 @@ __all__ = [
     "LowBitBaseCallback",
     "MemoryReportCallback",
     "PruningCallback",
-    "plan_callbacks",
 ]

@@ -9,8 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_lowvram.checkpointing import checkpoint_blocks, uncheckpoint_blocks
-from lightning_lowvram.tiled_mlp import mlp_modules, tile_mlps, untile_mlps
+from lightning_lowvram.cores.activation_checkpointing import checkpoint_blocks, uncheckpoint_blocks
+from lightning_lowvram.cores.tiled_mlp import mlp_modules, tile_mlps, untile_mlps
 
 
 class ActivationCheckpointingCallback(Callback):
@@ -31,7 +31,7 @@ class ActivationCheckpointingCallback(Callback):
     only what the card would hold.
 
     With ``tile_mlp=True`` each block's MLP also runs a tile of the sequence at a time and is recomputed tile by tile
-    in its backward (:mod:`lightning_lowvram.tiled_mlp`, Arctic's TiledMLP): at long contexts the MLP's
+    in its backward (:mod:`lightning_lowvram.cores.tiled_mlp`, Arctic's TiledMLP): at long contexts the MLP's
     intermediates are most of what the block being back-propagated holds. Exact (gradients within float32 rounding
     of the plain step's, tested on Llama, Mistral, Qwen2, Gemma-2 and GPT-2); each MLP's forward runs a third time.
 

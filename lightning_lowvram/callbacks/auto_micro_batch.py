@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lightning_lowvram._metrics import snapshot_metrics
 from lightning_lowvram._patching import patch
-from lightning_lowvram.batching import (
+from lightning_lowvram.cores.batches import (
     COUNTS,
     SliceFn,
     batch_size_of,
@@ -27,7 +27,7 @@ from lightning_lowvram.batching import (
     micro_batch_bounds,
     slice_batch,
 )
-from lightning_lowvram.micro_batching import (
+from lightning_lowvram.cores.micro_batch import (
     CollectiveGuard,
     GradientStore,
     SizePolicy,
@@ -45,8 +45,8 @@ _EVAL_STEPS = {"validate": "validation_step", "test": "test_step", "predict": "p
 class AutoMicroBatchCallback(Callback):
     """Split every batch into the largest micro-batches that fit; accumulate so the optimizer sees the whole batch.
 
-    The Lightning shell of :mod:`lightning_lowvram.micro_batching` (the retry engine and its invariants, usable without
-    a Trainer).
+    The Lightning shell of :mod:`lightning_lowvram.cores.micro_batch` (the retry engine and its invariants, usable
+    without a Trainer).
 
     Each batch the dataloader yields is cut into micro-batches; each micro-batch's loss is weighted by its share of the
     batch (samples, or ``count_fn`` units such as tokens) and back-propagated, so the gradient is the full batch's and
@@ -79,7 +79,7 @@ class AutoMicroBatchCallback(Callback):
             ``labels`` that are not -100) or ``"label_tokens"`` (masked LM, token classification: ``labels`` not
             -100). A first dict batch whose ``labels`` hold -100 with no ``count_fn`` gets one warning: its split is not
             exact. Micro-batches with a count of 0 are skipped (their weight is 0).
-        slice_fn: ``slice_fn(batch, start, end)`` for batch types :mod:`lightning_lowvram.batching` does not know.
+        slice_fn: ``slice_fn(batch, start, end)`` for batch types :mod:`lightning_lowvram.cores.batches` does not know.
 
     Raises:
         ValueError: For sizes that are not ``"auto"`` or an integer >= ``min_micro_batch_size`` >= 1.
@@ -205,7 +205,7 @@ class AutoMicroBatchCallback(Callback):
         if stage == "fit" and not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "AutoMicroBatchCallback supports automatic optimization only: with manual optimization, split the "
-                "batch in your training_step with lightning_lowvram.batching.split_batch"
+                "batch in your training_step with lightning_lowvram.cores.batches.split_batch"
             )
         strategy = type(trainer.strategy).__name__
         if "DeepSpeed" in strategy:

@@ -9,8 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_lowvram.chunked_ce import check_chunk_size
-from lightning_lowvram.chunked_ce_hf import (
+from lightning_lowvram.cores.chunked_cross_entropy import check_chunk_size
+from lightning_lowvram.cores.chunked_cross_entropy_hf import (
     BACKENDS,
     Backend,
     apply_chunked_cross_entropy,
@@ -28,7 +28,7 @@ class ChunkedCrossEntropyCallback(Callback):
     ``outputs.loss`` is the same (loss and gradients within 1e-5 of the plain model in float32, tested on Llama,
     Mistral, Qwen2/3, Gemma, Gemma-2 with soft-capping, Phi-3 and GPT-2, tied or untied heads, LoRA on the head), the
     user's code unchanged; only one chunk's logits live at a time. Evaluation, prediction and generation run the
-    model's own forward (their logits are untouched). See :mod:`lightning_lowvram.chunked_ce_hf`.
+    model's own forward (their logits are untouched). See :mod:`lightning_lowvram.cores.chunked_cross_entropy_hf`.
 
     The one trap: in training steps with labels ``outputs.logits`` is ``None`` — a ``training_step`` that computes a
     metric from the logits needs them, and then this callback cannot help.

@@ -19,9 +19,8 @@ from typing_extensions import override
 from lightning_lowvram._files import check_writable
 from lightning_lowvram._metrics import snapshot_metrics
 from lightning_lowvram._patching import patch
-from lightning_lowvram.batching import batch_size_of
-from lightning_lowvram.lowbit import frozen_linear_layers, quantize_frozen_base
-from lightning_lowvram.quantization import (
+from lightning_lowvram.cores.batches import batch_size_of
+from lightning_lowvram.cores.dynamic_quant import (
     BACKENDS,
     as_linear,
     available_backends,
@@ -37,6 +36,7 @@ from lightning_lowvram.quantization import (
     save_quantized,
     tied_layers,
 )
+from lightning_lowvram.cores.low_bit_base import frozen_linear_layers, quantize_frozen_base
 
 STAGES = {"validate": ("validation_step", "val_dataloaders"), "test": ("test_step", "test_dataloaders")}
 _STEPS = {**STAGES, "predict": ("predict_step", "predict_dataloaders")}
@@ -59,7 +59,7 @@ class DynamicQuantCallback(Callback):
 
     Linear layers and Hugging Face ``Conv1D`` (GPT-2) are converted; a layer whose weight is tied to an embedding
     stays float (int8 would add a copy beside the float embedding), and so does one whose shape the backend's CUDA
-    kernel does not take (:func:`lightning_lowvram.quantization.int8_kernel_ok`); one warning names them.
+    kernel does not take (:func:`lightning_lowvram.cores.dynamic_quant.int8_kernel_ok`); one warning names them.
     ``backend="auto"`` on CUDA (and ``"measure"`` anywhere) times the stage's step on its first batch in float and with
     each int8 backend (one untimed warm-up call each, median of 3) and keeps the fastest, float included, with a
     warning when int8 lost (tested on CPU; no GPU has run it yet); on CPU ``"auto"`` is ``torch_ao``, the fastest
@@ -73,7 +73,7 @@ class DynamicQuantCallback(Callback):
         compare: Run float and int8 side by side after each validate/test stage.
         backend: ``"auto"`` (CPU: ``torch_ao``; CUDA: as ``"measure"``), ``"measure"`` (time float and every int8
             backend on the stage's first batch, keep the fastest, float included) or one of
-            :data:`lightning_lowvram.quantization.BACKENDS`.
+            :data:`lightning_lowvram.cores.dynamic_quant.BACKENDS`.
         save_path: Where to write the int8 weights and the recipe after a quantized stage
             (load with :func:`load_quantized`).
         freeze_base: Deprecated (use ``LowBitBaseCallback(bits=8)``): quantize frozen Linear layers (int8

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lowvram._patching import patch
-from lightning_lowvram.lowbit import (
+from lightning_lowvram.cores.low_bit_base import (
     BITS,
     LowBitReport,
     check_precision,

@@ -12,7 +12,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from lightning_lowvram._patching import patch
-from lightning_lowvram.optim import to_8bit
+from lightning_lowvram.cores.optimizer_8bit import to_8bit
 
 
 class EightBitOptimizerCallback(Callback):

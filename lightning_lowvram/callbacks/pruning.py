@@ -15,8 +15,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_lowvram._patching import patch
-from lightning_lowvram.batching import slice_batch
-from lightning_lowvram.pruning import (
+from lightning_lowvram.cores.batches import slice_batch
+from lightning_lowvram.cores.pruning import (
     PRUNABLE,
     ROOTS,
     Criterion,
@@ -34,7 +34,7 @@ from lightning_lowvram.pruning import (
     prune_structured,
     update_masks,
 )
-from lightning_lowvram.pruning_units import conform_to_state_dict
+from lightning_lowvram.cores.pruning_units import conform_to_state_dict
 
 METHODS = ("structured", "unstructured")
 SCHEDULES = ("once", "gradual")

@@ -93,7 +93,7 @@ def longest_sequence(
         step: Granularity of the answer, in tokens.
         max_tokens: Search no further.
         saving: Bytes taken off every estimate, or off each phase's peak (a low-bit frozen base modelled apart:
-            ``lowbit.low_bit_phases``).
+            ``low_bit_base.low_bit_phases``).
         dim: 1: stretch the sequence; 0: the batch (the largest batch at the example's sequence, ``step`` samples).
         **estimate_kwargs: Settings for :func:`estimate_step_memory` (precision, activation_checkpointing,
             chunked_cross_entropy, optimizer_8bit, micro_batch_size...).
@@ -154,9 +154,9 @@ def frugal_settings(module: nn.Module, profile: GPUProfile) -> dict[str, Any]:
     (a card with ``pcie_gbs``) with the blocks' MLPs tiled, and the chunked cross-entropy (a HF causal LM it
     reproduces).
     """
-    from lightning_lowvram.checkpointing import repeated_blocks
-    from lightning_lowvram.chunked_ce_hf import is_chunkable
-    from lightning_lowvram.tiled_mlp import mlp_modules
+    from lightning_lowvram.cores.activation_checkpointing import repeated_blocks
+    from lightning_lowvram.cores.chunked_cross_entropy_hf import is_chunkable
+    from lightning_lowvram.cores.tiled_mlp import mlp_modules
 
     blocks = bool(repeated_blocks(module))
     offload = blocks and profile.pcie_gbs is not None

@@ -33,9 +33,11 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from lightning_lowvram._patching import patch
-from lightning_lowvram.batching import batch_size_of, slice_batch
-from lightning_lowvram.checkpointing import checkpoint_blocks, host_offload
-from lightning_lowvram.chunked_ce_hf import apply_chunked_cross_entropy
+from lightning_lowvram.cores.activation_checkpointing import checkpoint_blocks, host_offload
+from lightning_lowvram.cores.batches import batch_size_of, slice_batch
+from lightning_lowvram.cores.chunked_cross_entropy_hf import apply_chunked_cross_entropy
+from lightning_lowvram.cores.optimizer_8bit import module_optimizer
+from lightning_lowvram.cores.tiled_mlp import tile_mlps
 from lightning_lowvram.memory.meter import MemoryMeter, MemoryStats
 from lightning_lowvram.memory.profiles import GPUProfile, MiB, format_bytes, gpu_profile
 from lightning_lowvram.planner.blocks import BlockStack, affine, block_stack, extrapolate_ops, keep_blocks
@@ -57,7 +59,6 @@ from lightning_lowvram.planner.tracing import (
     unpadded,
 )
 from lightning_lowvram.registry import StepContext, Strategy, settings_of
-from lightning_lowvram.tiled_mlp import tile_mlps
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -163,7 +164,7 @@ def estimate_step_memory(
         bf16_base: Frozen float32 Linear layers stored in bfloat16 (``LowBitBaseCallback(bits=16)``), traced on the
             copy; ``bf16-mixed`` only (where it computes the same step).
         tiled_mlp: Each repeated block's MLP a tile of the sequence at a time, recomputed per tile in backward
-            (``ActivationCheckpointingCallback(tile_mlp=True)``, :mod:`lightning_lowvram.tiled_mlp`), traced.
+            (``ActivationCheckpointingCallback(tile_mlp=True)``, :mod:`lightning_lowvram.cores.tiled_mlp`), traced.
         gpu: A GPU profile or its name: CUDA allocation rules and its context allowance apply.
         device: Force the allocation rules (``"cpu"`` or ``"cuda"``); default: ``"cuda"`` when ``gpu`` names a card.
             ``"cuda"`` without a ``gpu`` picks attention kernels as on an A100 (compute capability 8.0).
@@ -253,7 +254,7 @@ def _applied(
         )
     bf16_base = bf16_base or flags.get("bf16_base", False)
     if bf16_base:
-        from lightning_lowvram.lowbit import check_precision
+        from lightning_lowvram.cores.low_bit_base import check_precision
 
         check_precision(16, precision)
     chunked = chunked or flags.get("chunked_cross_entropy", False)
@@ -321,34 +322,6 @@ def ddp_bucket_bytes(module: nn.Module, precision: str = "32-true", cuda: bool =
     """
     total = parameter_bytes(module, precision, trainable=True)
     return -(-total // 512) * 512 if cuda else total  # one allocation per bucket; rounding it is noise
-
-
-def adam_optimizer(module: nn.Module, optimizer: Any = None) -> torch.optim.Optimizer | None:
-    """The module's optimizer if it is Adam/AdamW (what 8-bit state applies to), else ``None``."""
-    opt = _optimizer(module, optimizer)
-    return opt if type(opt) in (torch.optim.Adam, torch.optim.AdamW) else None
-
-
-def with_8bit_optimizer(estimate: MemoryEstimate, module: nn.Module, optimizer: Any = None) -> MemoryEstimate:
-    """The same estimate with Adam's float32 moments replaced by torchao's 8-bit layout (modelled, byte for byte).
-
-    Raises:
-        ValueError: If the module's optimizer is not Adam/AdamW.
-
-    """
-    from lightning_lowvram.optim import adam_state_bytes
-
-    opt = _optimizer(module, optimizer)
-    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
-        raise ValueError(f"optimizer_8bit needs Adam or AdamW, the module's optimizer is {type(opt).__name__}")
-    params = [p for group in opt.param_groups for p in group["params"]]
-    fp32, eight = adam_state_bytes(params, eight_bit=False), adam_state_bytes(params, eight_bit=True)
-    by_category = dict(estimate.by_category)
-    if by_category["optimizer"] < fp32:  # the moments were not live at the peak
-        return estimate
-    by_category["optimizer"] += eight - fp32  # the step's temporaries stay as traced
-    by_phase = {phase: value + eight - fp32 for phase, value in estimate.by_phase.items()}  # live in every phase
-    return dataclasses.replace(estimate, peak=estimate.peak + eight - fp32, by_category=by_category, by_phase=by_phase)
 
 
 def check_batch(module: nn.Module, batch: Any) -> None:
@@ -521,7 +494,7 @@ def _run(
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         if sharded:
             shard(copied, mesh, spec)
-        opt = _optimizer(copied, optimizer)
+        opt = module_optimizer(copied, optimizer)
         if cuda:
             for group in opt.param_groups:
                 if "foreach" in group:
@@ -543,7 +516,7 @@ def _prepared_copy(
         to_dtype(copied, torch.bfloat16)
     activation_checkpointing, chunked_cross_entropy, offload_activations, bf16_base, tiled, prepared = strategies
     if bf16_base:
-        from lightning_lowvram.lowbit import quantize_frozen_base
+        from lightning_lowvram.cores.low_bit_base import quantize_frozen_base
 
         quantize_frozen_base(copied, 16)
     for prepare, value in prepared:  # registered strategies that change the model
@@ -657,21 +630,6 @@ def _loss(module: nn.Module, batch: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
         raise ValueError(f"{type(module).__name__}.training_step must return a loss tensor to estimate a step")
     return loss
-
-
-def _optimizer(module: nn.Module, optimizer: Any) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    if optimizer is not None:
-        return optimizer(params)
-    configured = module.configure_optimizers()
-    while not isinstance(configured, torch.optim.Optimizer):
-        if isinstance(configured, dict):
-            configured = configured["optimizer"]
-        elif isinstance(configured, list | tuple) and configured:
-            configured = configured[0]
-        else:
-            raise ValueError("configure_optimizers returned no optimizer; pass optimizer=")
-    return configured
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:

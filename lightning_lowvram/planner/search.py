@@ -12,7 +12,8 @@ step time is the float one's (8-bit AdamW measured 1.00x on an H200, ANCHORS.md;
 For a Hugging Face causal LM whose head and loss it reproduces, every setting but the plain one is traced with the
 chunked cross-entropy (ChunkedCrossEntropyCallback); when nothing fits, checkpointing with the blocks' inputs in
 host memory is tried too (its PCIe copies charged at ``GPUProfile.pcie_gbs``, no overlap assumed), and when that does
-not fit either, with the blocks' MLPs tiled along the sequence as well (:mod:`lightning_lowvram.tiled_mlp`, traced).
+not fit either, with the blocks' MLPs tiled along the sequence as well (:mod:`lightning_lowvram.cores.tiled_mlp`,
+traced).
 
 Across ``devices`` cards each setting is also tried under DDP, FSDP2 ``grad_op`` and FSDP2 ``full`` (least traffic
 first), and FSDP2 with CPU offload when nothing fits on the cards: peaks per rank (``estimate_step_memory`` with
@@ -30,8 +31,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lowvram.batching import batch_size_of
-from lightning_lowvram.chunked_ce_hf import is_chunkable
+from lightning_lowvram.cores.batches import batch_size_of
+from lightning_lowvram.cores.chunked_cross_entropy_hf import is_chunkable
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
 from lightning_lowvram.planner.estimate import (
     PRECISIONS,
@@ -248,13 +249,13 @@ def plan(
         allow_int8_base: Frozen Linear layers (``requires_grad=False``) may be stored int8 (weight-only), as
             ``LowBitBaseCallback(bits=8)`` does; off by default because it changes the base's numerics.
         allow_low_bit_base: Frozen Linear layers may be stored in 8 or 4 bits (NF4), as ``LowBitBaseCallback`` does;
-            the bytes are modelled per phase (``lowbit.low_bit_phases``: the saving, byte for byte, less the largest
-            dequantization of a layer that runs in that phase, ``lowbit.dequant_bytes``, measured); the step time is
-            the float base's (not modelled).
+            the bytes are modelled per phase (``low_bit_base.low_bit_phases``: the saving, byte for byte, less the
+            largest dequantization of a layer that runs in that phase, ``low_bit_base.dequant_bytes``, measured); the
+            step time is the float base's (not modelled).
         precisions: Precisions to consider; default float32 and the card's mixed precision (bf16, else fp16). Pass
             ``("32-true",)`` when you need float32 numerics.
         allow_chunked_ce: For a Hugging Face causal LM whose head and loss it reproduces exactly
-            (``chunked_ce_hf.FAMILIES``), every setting but the plain one computes them in chunks
+            (``chunked_cross_entropy_hf.FAMILIES``), every setting but the plain one computes them in chunks
             (ChunkedCrossEntropyCallback), traced: the same loss and gradients and FLOPs, a fraction of the logits'
             bytes; the step-time model also counts each chunk's kernel launches, so on a small model it predicts the
             chunked step slower (and picks it only when the plain loss does not fit).
@@ -551,7 +552,7 @@ class _Search:
 
 
 def _has_mlps(module: nn.Module) -> bool:
-    from lightning_lowvram.tiled_mlp import mlp_modules
+    from lightning_lowvram.cores.tiled_mlp import mlp_modules
 
     try:
         return bool(mlp_modules(module))
@@ -560,6 +561,6 @@ def _has_mlps(module: nn.Module) -> bool:
 
 
 def _has_blocks(module: nn.Module) -> bool:
-    from lightning_lowvram.checkpointing import repeated_blocks
+    from lightning_lowvram.cores.activation_checkpointing import repeated_blocks
 
     return bool(repeated_blocks(module))

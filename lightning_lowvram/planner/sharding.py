@@ -8,8 +8,8 @@ and the activations of the local micro-batch are then what FSDP2 itself allocate
 meter on real two-process gloo FSDP2 runs (``tests/callbacks/test_auto_micro_batch.py``).
 
 Units: the module's own ``configure_model`` when it overrides it (Lightning's FSDP2 convention: ``fully_shard`` on
-``self.device_mesh["data_parallel"]``), else :func:`lightning_lowvram.fsdp2.apply_fsdp2`'s (each repeated block, then
-what ``training_step`` calls), the units ``FSDP2Strategy`` applies in the run.
+``self.device_mesh["data_parallel"]``), else :func:`lightning_lowvram.cores.fsdp2.apply_fsdp2`'s (each repeated
+block, then what ``training_step`` calls), the units ``FSDP2Strategy`` applies in the run.
 ``sharding="grad_op"`` keeps parameters unsharded between forward and backward (``set_reshard_after_forward(False)``,
 ZeRO-2-like). Offload is modelled from the traced phases (:func:`offloaded`): ``"params"`` (FSDP2's
 ``CPUOffloadPolicy``: sharded parameters, gradients and optimizer state live in host memory, the optimizer step runs
@@ -108,7 +108,7 @@ def shard(module: nn.Module, mesh: Any, spec: ShardSpec) -> None:
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from torch.distributed.fsdp import FSDPModule
 
-    from lightning_lowvram.fsdp2 import apply_fsdp2
+    from lightning_lowvram.cores.fsdp2 import apply_fsdp2
 
     reshard = spec.sharding == "full"
     if isinstance(module, L.LightningModule) and is_overridden("configure_model", module, L.LightningModule):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lowvram import AutoMicroBatchCallback, DynamicQuantCallback, PruningCallback, load_quantized
+from lightning_lowvram.cores.dynamic_quant import linear_bytes, quantize_dynamic_int8, quantized_layers
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
-from lightning_lowvram.quantization import linear_bytes, quantize_dynamic_int8, quantized_layers
 from tests.helpers import RecordingLogger, quiet_trainer
 
 

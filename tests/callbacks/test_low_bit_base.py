@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_lowvram import LowBitBaseCallback
-from lightning_lowvram.lowbit import low_bit_layers
+from lightning_lowvram.cores.low_bit_base import low_bit_layers
 from tests.helpers import RecordingLogger, quiet_trainer
 from tests.real_models.models import HFModule, hf_batches, hf_model
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from lightning_lowvram import EightBitOptimizerCallback
+from lightning_lowvram.cores.dynamic_quant import tensor_bytes
+from lightning_lowvram.cores.optimizer_8bit import adam_state_bytes
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP
-from lightning_lowvram.optim import adam_state_bytes
-from lightning_lowvram.quantization import tensor_bytes
 from tests.helpers import quiet_trainer
 
 

@@ -6,8 +6,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from lightning_lowvram import AutoMicroBatchCallback, MemoryReportCallback, PruningCallback, load_pruned
+from lightning_lowvram.cores.pruning import state_bytes
 from lightning_lowvram.demo import DigitsDataModule, DigitsMLP, TinyGPT, TinyTextDataModule
-from lightning_lowvram.pruning import state_bytes
 from tests.ddp import run_ddp
 from tests.helpers import RecordingLogger, quiet_trainer, seeded_fit
 

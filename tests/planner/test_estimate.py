@@ -113,7 +113,7 @@ def test_a_step_fake_tensors_cannot_trace_is_measured_for_real():
 
 
 def test_8bit_optimizer_state_is_modelled_as_torchao_stores_it():
-    from lightning_lowvram.optim import adam_state_bytes
+    from lightning_lowvram.cores.optimizer_8bit import adam_state_bytes
 
     model = DigitsMLP(hidden=512)
     plain = estimate_step_memory(model, _digits_batch())

@@ -121,7 +121,7 @@ class DeepFrozen(L.LightningModule):
 @pytest.mark.usefixtures("no_cublas_workspace")
 def test_a_low_bit_frozen_base_only_when_allowed_and_nf4_when_int8_is_not_enough():
     from lightning_lowvram import LowBitBaseCallback
-    from lightning_lowvram.lowbit import low_bit_saving
+    from lightning_lowvram.cores.low_bit_base import low_bit_saving
 
     batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
     model = DeepFrozen()
@@ -144,7 +144,7 @@ def test_a_low_bit_frozen_base_only_when_allowed_and_nf4_when_int8_is_not_enough
 @pytest.mark.usefixtures("no_cublas_workspace")
 def test_a_bf16_base_under_bf16_mixed_when_it_is_what_fits_and_it_runs_under_the_budget_with_the_plain_steps():
     from lightning_lowvram import LowBitBaseCallback
-    from lightning_lowvram.lowbit import low_bit_saving
+    from lightning_lowvram.cores.low_bit_base import low_bit_saving
 
     batch = (torch.zeros(8, 64), torch.zeros(8, dtype=torch.long))
     fp32, mixed = (estimate_step_memory(DeepFrozen(), batch, device="cuda", precision=p).peak for p in PRECISIONS[:2])

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 
 from lightning_lowvram import ActivationCheckpointingCallback, ChunkedCrossEntropyCallback, memory_budget
-from lightning_lowvram.checkpointing import repeated_blocks
+from lightning_lowvram.cores.activation_checkpointing import repeated_blocks
 from lightning_lowvram.planner import estimate_step_memory
 from tests.helpers import quiet_trainer
 from tests.real_models.models import NAMES, HFModule, build, causal_lm

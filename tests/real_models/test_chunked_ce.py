@@ -202,7 +202,7 @@ def test_the_plan_picks_the_chunked_loss_and_runs_where_the_plain_step_does_not_
 
 def test_an_nf4_head_under_lowbitbase_gets_the_plain_nf4_loss_and_gradients():
     """LowBitBaseCallback(bits=4) stores the frozen head in NF4: chunks share one dequantization, the same numbers."""
-    from lightning_lowvram.lowbit import NF4Linear, quantize_frozen_base
+    from lightning_lowvram.cores.low_bit_base import NF4Linear, quantize_frozen_base
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -8,8 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_lowvram import PruningCallback, load_pruned
-from lightning_lowvram.pruning import prune_structured
-from lightning_lowvram.pruning_units import find_units
+from lightning_lowvram.cores.pruning import prune_structured
+from lightning_lowvram.cores.pruning_units import find_units
 from tests.helpers import quiet_trainer
 from tests.real_models.models import HF_NAMES, NAMES, build, hf_batches, hf_model
 

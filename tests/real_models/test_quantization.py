@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_lowvram import DynamicQuantCallback, load_quantized
-from lightning_lowvram.quantization import (
+from lightning_lowvram.cores.dynamic_quant import (
     int8_kernel_ok,
     is_linear,
     median_seconds,

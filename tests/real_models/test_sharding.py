@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from lightning_lowvram import FSDP2Strategy
-from lightning_lowvram.checkpointing import repeated_blocks
+from lightning_lowvram.cores.activation_checkpointing import repeated_blocks
 from lightning_lowvram.planner import estimate_step_memory
 from tests.helpers import quiet_trainer
 from tests.real_models.models import NAMES, build

@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lowvram.demo import DigitsMLP
-from lightning_lowvram.quantization import (
+from lightning_lowvram.cores.dynamic_quant import (
     available_backends,
     choose_backend,
     gradient_check,
@@ -11,6 +10,7 @@ from lightning_lowvram.quantization import (
     quantize_dynamic_int8,
     quantized_layers,
 )
+from lightning_lowvram.demo import DigitsMLP
 
 
 def test_backend_per_device_and_clear_errors():
@@ -47,7 +47,7 @@ def test_gradient_check_tells_which_backends_keep_autograd(backend, flows):
 
 @pytest.mark.parametrize("backend", ["torch_ao", "torchao_weight_only"])
 def test_multihead_attention_keeps_its_float_out_proj_and_still_runs(backend):
-    from tests.test_pruning import MHANet
+    from tests.cores.test_pruning import MHANet
 
     torch.manual_seed(0)
     model, x = MHANet().eval(), torch.randint(0, 50, (2, 6))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lowvram import MemoryMeter
-from lightning_lowvram.chunked_ce import head_cross_entropy, linear_cross_entropy
+from lightning_lowvram.cores.chunked_cross_entropy import head_cross_entropy, linear_cross_entropy
 
 
 def _close(a, b, rel=1e-5):

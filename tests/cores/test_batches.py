@@ -4,7 +4,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from lightning_lowvram.batching import batch_size_of, merge_outputs, micro_batch_bounds, slice_batch, split_batch
+from lightning_lowvram.cores.batches import batch_size_of, merge_outputs, micro_batch_bounds, slice_batch, split_batch
 
 Pair = namedtuple("Pair", ["x", "y"])
 

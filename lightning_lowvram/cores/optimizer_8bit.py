@@ -9,10 +9,13 @@ steps are several times slower.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+from torch import nn
 
 _KEYS = ("params", "lr", "betas", "eps", "weight_decay", "initial_lr")
 
@@ -58,3 +61,45 @@ def adam_state_bytes(params: Iterable[torch.Tensor], eight_bit: bool, block_size
             total += 2 * n * p.element_size()
         total += 4  # the float32 step counter
     return total
+
+
+def module_optimizer(module: nn.Module, optimizer: Any = None) -> torch.optim.Optimizer:
+    """``optimizer(params)`` of the trainable parameters, else the module's ``configure_optimizers`` (its first)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if optimizer is not None:
+        return optimizer(params)
+    configured = module.configure_optimizers()
+    while not isinstance(configured, torch.optim.Optimizer):
+        if isinstance(configured, dict):
+            configured = configured["optimizer"]
+        elif isinstance(configured, list | tuple) and configured:
+            configured = configured[0]
+        else:
+            raise ValueError("configure_optimizers returned no optimizer; pass optimizer=")
+    return configured
+
+
+def adam_optimizer(module: nn.Module, optimizer: Any = None) -> torch.optim.Optimizer | None:
+    """The module's optimizer if it is Adam/AdamW (what 8-bit state applies to), else ``None``."""
+    opt = module_optimizer(module, optimizer)
+    return opt if type(opt) in (torch.optim.Adam, torch.optim.AdamW) else None
+
+
+def with_8bit_optimizer(estimate: Any, module: nn.Module, optimizer: Any = None) -> Any:
+    """A step estimate (``planner.MemoryEstimate``) with Adam's float32 moments as torchao's 8-bit layout (modelled).
+
+    Raises:
+        ValueError: If the module's optimizer is not Adam/AdamW.
+
+    """
+    opt = module_optimizer(module, optimizer)
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
+        raise ValueError(f"optimizer_8bit needs Adam or AdamW, the module's optimizer is {type(opt).__name__}")
+    params = [p for group in opt.param_groups for p in group["params"]]
+    fp32, eight = adam_state_bytes(params, eight_bit=False), adam_state_bytes(params, eight_bit=True)
+    by_category = dict(estimate.by_category)
+    if by_category["optimizer"] < fp32:  # the moments were not live at the peak
+        return estimate
+    by_category["optimizer"] += eight - fp32  # the step's temporaries stay as traced
+    by_phase = {phase: value + eight - fp32 for phase, value in estimate.by_phase.items()}  # live in every phase
+    return dataclasses.replace(estimate, peak=estimate.peak + eight - fp32, by_category=by_category, by_phase=by_phase)

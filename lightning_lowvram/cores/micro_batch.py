@@ -5,7 +5,7 @@
 - :func:`attempt` and :func:`run_until_fits`: try ``run(size)``; on an out-of-memory error put the state back, shrink,
   try again, with one collective decision per attempt when there are several ranks.
 
-Invariants (``AutoMicroBatchCallback`` relies on them; ``tests/test_micro_batching.py`` and the callback's tests hold
+Invariants (``AutoMicroBatchCallback`` relies on them; ``tests/cores/test_micro_batch.py`` and the callback's tests hold
 them):
 
 1. **Sizes only shrink.** A kind (``"train"``, ``"validate"``, ``"test"``, ``"predict"``) starts at its chosen size

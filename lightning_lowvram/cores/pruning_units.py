@@ -278,7 +278,7 @@ def prune_units(
     """Remove ``amount`` (or ``ratios[unit name]``) of every unit's current groups, keeping at least one.
 
     A unit keeps ``int(groups x (1 - ratio))`` groups, as Torch-Pruning keeps channels (so
-    :func:`lightning_lowvram.pruning.keep_ratios` makes gradual pruning end where one step would). Returns the
+    :func:`lightning_lowvram.cores.pruning.keep_ratios` makes gradual pruning end where one step would). Returns the
     record, plain data, one op a pruned unit: ``{"module": name, "fn": "keep_groups", "idxs": kept groups}``.
 
     Example:

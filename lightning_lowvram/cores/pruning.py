@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from lightning_lowvram._files import load_weights_only
-from lightning_lowvram.batching import tensors_in
-from lightning_lowvram.pruning_units import (
+from lightning_lowvram.cores.batches import tensors_in
+from lightning_lowvram.cores.pruning_units import (
     Unit,
     conform_to_state_dict,
     find_units,
@@ -147,7 +147,7 @@ def prune_structured(
 ) -> list[Op]:
     """Remove ``amount`` of the channels (neurons, heads, head dimensions) of every prunable group, physically.
 
-    Transformer blocks of a known layout (:mod:`lightning_lowvram.pruning_units`: Hugging Face GPT-2, Llama-style,
+    Transformer blocks of a known layout (:mod:`lightning_lowvram.cores.pruning_units`: Hugging Face GPT-2, Llama-style,
     BERT-style) lose whole attention heads (whole key/value groups under GQA) and MLP channels; their hidden size,
     embeddings and output head are kept. Other models go through Torch-Pruning's dependency graph, traced by
     ``forward(model, example_inputs)`` (default ``model(*example_inputs)``; a LightningModule's ``training_step`` on
@@ -244,7 +244,7 @@ def check_layouts(model: nn.Module, ignore: Sequence[str] = (), global_pruning: 
         raise ValueError(
             f"structured pruning does not know the attention layout of {', '.join(unknown)}: pass "
             "ignore=['<its name>*'] to leave it alone, or method='unstructured' (known layouts: "
-            "lightning_lowvram.pruning_units)"
+            "lightning_lowvram.cores.pruning_units)"
         )
     if units and global_pruning:
         raise ValueError(
@@ -281,7 +281,7 @@ def _handled_attention(module: nn.Module) -> bool:
 def replay_structure(model: nn.Module, ops: Sequence[Op], example_inputs: Any, forward: Forward | None = None) -> None:
     """Apply a pruning record to a module of the original shapes: afterwards its ``state_dict`` shapes match.
 
-    (Loading a checkpoint needs no record: :func:`lightning_lowvram.pruning_units.conform_to_state_dict` takes the
+    (Loading a checkpoint needs no record: :func:`lightning_lowvram.cores.pruning_units.conform_to_state_dict` takes the
     shapes from the checkpoint itself.)
     """
     import torch_pruning as tp

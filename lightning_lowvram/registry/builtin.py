@@ -5,7 +5,7 @@ callback's signature are tested against it), its summary line, how it changes a 
 estimator's own flags, applied to the traced copy; ``model``: modelled on the traced bytes) and the values the
 planner may try. The order is the plan label's and the callbacks' order.
 
-The hooks import the planner and the cores when called, not here: this module is read by the planner itself.
+The hooks import the cores when called, not here: this module is read by the planner itself.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _checkpointing_trace(value: Any) -> dict[str, Any]:
 
 
 def _adam_choices(ctx: StepContext) -> list[Any]:
-    from lightning_lowvram.planner.estimate import adam_optimizer
+    from lightning_lowvram.cores.optimizer_8bit import adam_optimizer
 
     if "adam" not in ctx.cache:
         ctx.cache["adam"] = adam_optimizer(ctx.module) is not None
@@ -137,16 +137,16 @@ def _adam_choices(ctx: StepContext) -> list[Any]:
 
 
 def _eight_bit_model(estimate: Any, value: Any, ctx: StepContext) -> Any:
-    from lightning_lowvram.planner.estimate import with_8bit_optimizer
+    from lightning_lowvram.cores.optimizer_8bit import with_8bit_optimizer
 
     return with_8bit_optimizer(estimate, ctx.module, ctx.optimizer)
 
 
 def _saving(ctx: StepContext, bits: int) -> dict[str, int]:
-    """Bytes a ``bits``-bit frozen base takes off each phase's peak (``lowbit.low_bit_phases``), computed once."""
+    """Bytes a ``bits``-bit frozen base takes off each phase's peak (``low_bit_base.low_bit_phases``), computed once."""
     key = ("low_bit_base", bits, ctx.chunked)
     if key not in ctx.cache:
-        from lightning_lowvram.lowbit import low_bit_phases
+        from lightning_lowvram.cores.low_bit_base import low_bit_phases
 
         ctx.cache[key] = low_bit_phases(ctx.module, bits, chunked_head=ctx.chunked)  # type: ignore[arg-type]
     return ctx.cache[key]
@@ -190,6 +190,18 @@ def _base_label(value: Any) -> str:
     return {16: "bf16 frozen base", 8: "int8 frozen base", 4: "NF4 frozen base"}[value]
 
 
+def _frozen_base(model: Any, callback: Any) -> None:
+    from lightning_lowvram.cores.low_bit_base import require_frozen_base
+
+    require_frozen_base(model, callback.bits)
+
+
+def _causal_lm(model: Any, callback: Any) -> None:
+    from lightning_lowvram.cores.chunked_cross_entropy_hf import require_chunkable
+
+    require_chunkable(model)
+
+
 def _fsdp2_arguments(value: Any) -> dict[str, Any]:
     sharding, offload = value
     return {"reshard_after_forward": sharding == "full", "cpu_offload": offload != "none"}
@@ -220,6 +232,7 @@ LOW_BIT_BASE = register(Strategy(
     label=_base_label, changes=lambda value: 1 if value == 16 else 2,  # changed numerics (int8, NF4) count twice
     arguments=lambda value: {"bits": value},
     plan_options={"allow_int8_base": False, "allow_low_bit_base": False, "allow_bf16_base": True},
+    requires=_frozen_base,
 ))  # fmt: skip
 ACTIVATION_CHECKPOINTING = register(Strategy(
     name="activation_checkpointing",
@@ -235,9 +248,10 @@ CHUNKED_CROSS_ENTROPY = register(Strategy(
     config=ChunkedCrossEntropyConfig,
     summary="a Hugging Face causal LM's head and cross-entropy in chunks: the [tokens, vocab] logits never exist whole",
     axis=True, trace=lambda value: {"chunked_cross_entropy": True}, label=lambda value: "chunked CE",
+    requires=_causal_lm,
 ))  # fmt: skip
 FSDP2 = register(Strategy(
-    name="fsdp2", node="fsdp2", kind="trainer_strategy", target="lightning_lowvram.fsdp2.FSDP2Strategy",
+    name="fsdp2", node="fsdp2", kind="trainer_strategy", target="lightning_lowvram.strategies.fsdp2.FSDP2Strategy",
     config=FSDP2Config, summary="parameters, gradients and optimizer state sharded over the ranks (FSDP2) or offloaded",
     off=("none", "none"), axis=True, arguments=_fsdp2_arguments, overrides=_fsdp2_overrides,
     changes=lambda value: (value[0] != "none") + (value[1] != "none"),

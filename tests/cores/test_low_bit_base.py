@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lowvram.lowbit import frozen_linear_layers, low_bit_layers, quantize_frozen_base
-from lightning_lowvram.quantization import linear_bytes
+from lightning_lowvram.cores.dynamic_quant import linear_bytes
+from lightning_lowvram.cores.low_bit_base import frozen_linear_layers, low_bit_layers, quantize_frozen_base
 
 
 class Adapted(nn.Module):
@@ -74,7 +74,7 @@ def test_bad_input_is_named():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_modelled_saving_is_the_converted_bytes(bits):
-    from lightning_lowvram.lowbit import dequant_bytes, low_bit_saving
+    from lightning_lowvram.cores.low_bit_base import dequant_bytes, low_bit_saving
 
     model = Adapted()
     saved, transient = low_bit_saving(model, bits)
@@ -87,7 +87,7 @@ def test_the_modelled_saving_is_the_converted_bytes(bits):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_dequantization_transient_is_measured(bits, dtype):
     """``dequant_bytes`` is what the tracker sees a layer's forward and backward hold beyond its input and output."""
-    from lightning_lowvram.lowbit import dequant_bytes
+    from lightning_lowvram.cores.low_bit_base import dequant_bytes
     from lightning_lowvram.memory.tracker import LiveTensorTracker
 
     n = 1024
@@ -115,7 +115,7 @@ def test_nf4_linear_computes_what_torchaos_nf4_computes(dtype):
     """Our sliced dequantization equals torchao's ``get_original_weight`` to the bit; outputs and input gradients are
     a float Linear's with that weight, with and without autocast (where the output is the autocast dtype, as a
     float Linear's is)."""
-    from lightning_lowvram.lowbit import NF4Linear, nf4_dequantize
+    from lightning_lowvram.cores.low_bit_base import NF4Linear, nf4_dequantize
 
     torch.manual_seed(0)
     layer = nn.Linear(512, 384).to(dtype).requires_grad_(False)
@@ -158,7 +158,7 @@ def test_on_cuda_the_allocator_sees_the_low_bit_bytes(bits):
 def test_a_bf16_base_computes_the_same_step_to_the_bit_under_bf16_autocast_and_halves_its_bytes(family):
     from peft import LoraConfig, get_peft_model
 
-    from lightning_lowvram.lowbit import low_bit_saving
+    from lightning_lowvram.cores.low_bit_base import low_bit_saving
     from tests.real_models.models import hf_batches, hf_model
 
     targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[family]

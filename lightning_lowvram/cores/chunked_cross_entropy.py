@@ -20,7 +20,7 @@ Invariants:
 
 The one trap: the gradients are computed in the forward, so a loss that is never backpropagated still costs a
 backward's compute; and a head with dropout would draw other random numbers than the plain run (refused by the HF
-patch in :mod:`lightning_lowvram.chunked_ce_hf`).
+patch in :mod:`lightning_lowvram.cores.chunked_cross_entropy_hf`).
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def linear_cross_entropy(
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets)`` without the ``[tokens, vocab]`` logits.
 
     The functional form for a module with its own ``nn.Linear`` head; HF causal LMs are patched by
-    :func:`lightning_lowvram.chunked_ce_hf.apply_chunked_cross_entropy` (labels shifted as HF shifts them).
+    :func:`lightning_lowvram.cores.chunked_cross_entropy_hf.apply_chunked_cross_entropy` (labels shifted as HF
+    shifts them).
 
     Args:
         hidden: ``(..., hidden_size)`` hidden states.

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_lowvram import memory_budget
-from lightning_lowvram.micro_batching import (
+from lightning_lowvram.cores.micro_batch import (
     GradientStore,
     SizePolicy,
     attempt,

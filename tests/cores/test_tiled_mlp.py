@@ -1,4 +1,5 @@
-"""Tiled MLPs (lightning_lowvram.tiled_mlp): exact on the HF families users bring, a fraction of the MLP's bytes."""
+"""Tiled MLPs (lightning_lowvram.cores.tiled_mlp): exact on the HF families users bring, a fraction of the MLP's
+bytes."""
 
 import copy
 
@@ -9,9 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_lowvram import ActivationCheckpointingCallback, ChunkedCrossEntropyCallback, MemoryReportCallback
-from lightning_lowvram.checkpointing import checkpoint_blocks
+from lightning_lowvram.cores.activation_checkpointing import checkpoint_blocks
+from lightning_lowvram.cores.tiled_mlp import default_tiles, mlp_modules, tile_mlps, tiled_mlp, untile_mlps
 from lightning_lowvram.planner import estimate_step_memory
-from lightning_lowvram.tiled_mlp import default_tiles, mlp_modules, tile_mlps, tiled_mlp, untile_mlps
 from tests.helpers import quiet_trainer
 from tests.real_models.models import HFModule, causal_lm, hf_batches
 

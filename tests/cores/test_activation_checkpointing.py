@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_lowvram import MemoryMeter
-from lightning_lowvram.checkpointing import checkpoint_blocks, uncheckpoint_blocks
+from lightning_lowvram.cores.activation_checkpointing import checkpoint_blocks, uncheckpoint_blocks
 from lightning_lowvram.demo import TinyGPT
 
 

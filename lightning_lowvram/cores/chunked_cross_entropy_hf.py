@@ -2,7 +2,8 @@
 
 ``apply_chunked_cross_entropy(model)`` finds the causal LMs in ``model`` (a LightningModule, a peft model, the HF model
 itself) and replaces each one's ``forward`` on the instance: in training, when ``labels`` are given, the body runs as
-before and the loss comes from :func:`lightning_lowvram.chunked_ce.head_cross_entropy` on the head the model has
+before and the loss comes from :func:`lightning_lowvram.cores.chunked_cross_entropy.head_cross_entropy` on the
+head the model has
 (``get_output_embeddings()``: a plain ``nn.Linear``, tied embeddings, a peft LoRA head), with HF's label shift,
 ``ignore_index``, ``num_items_in_batch`` and the family's final-logit soft-capping. ``outputs.loss`` is what it was;
 ``outputs.logits`` is ``None`` in those steps (that is the memory saved). In evaluation, without labels or without
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lowvram.chunked_ce import check_chunk_size, default_chunk_size, head_cross_entropy
+from lightning_lowvram.cores.chunked_cross_entropy import check_chunk_size, default_chunk_size, head_cross_entropy
 
 Backend = Literal["auto", "chunked", "cce"]
 BACKENDS = ("auto", "chunked", "cce")
@@ -128,7 +129,8 @@ def require_chunkable(module: nn.Module) -> list[nn.Module]:
     if not models:
         raise ValueError(
             f"{type(module).__name__} holds no Hugging Face *ForCausalLM model: the chunked cross-entropy patches "
-            "those; for a module with its own nn.Linear head call lightning_lowvram.chunked_ce.linear_cross_entropy"
+            "those; for a module with its own nn.Linear head call "
+            "lightning_lowvram.cores.chunked_cross_entropy.linear_cross_entropy"
         )
     for model in models:
         reason = why_not_supported(model)
@@ -215,7 +217,7 @@ def _once(head: nn.Module, hidden: torch.Tensor) -> Any:
     the weight's worth of work a chunk. Dequantized once here (the same values, in the same compute dtype, so the same
     logits and input gradients), the chunks share it: the transient is the one a single call holds anyway.
     """
-    from lightning_lowvram.lowbit import NF4Linear, nf4_dequantize
+    from lightning_lowvram.cores.low_bit_base import NF4Linear, nf4_dequantize
 
     if type(head) is not NF4Linear:
         return head

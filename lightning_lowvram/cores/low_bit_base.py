@@ -7,9 +7,9 @@ still flow through the frozen layers to the adapters and inputs.
 - ``bits=4``: torchao's ``NF4Tensor`` (``torchao.quantization.quantize_.workflows.nf4``): blocks of
   ``NF4_BLOCK_SIZE`` weights share an absmax scale, and the scales are themselves quantized in blocks (QLoRA's double
   quantization, Dettmers et al. 2023). About 0.13x of the float32 bytes (4.25 bits per weight at block 64; measured
-  by ``tests/test_lowbit.py``). The layer becomes an :class:`NF4Linear`, which dequantizes on the fly, forward and
-  backward, in slices straight into the compute dtype: it holds one weight's worth in that dtype (torchao's own
-  ``F.linear`` holds 20 bytes a float32 weight at once; the result is the same to the bit).
+  by ``tests/cores/test_low_bit_base.py``). The layer becomes an :class:`NF4Linear`, which dequantizes on the fly,
+  forward and backward, in slices straight into the compute dtype: it holds one weight's worth in that dtype
+  (torchao's own ``F.linear`` holds 20 bytes a float32 weight at once; the result is the same to the bit).
 - ``bits=8``: torchao's int8 weight-only layers (``DynamicQuantCallback(freeze_base=True)``, deprecated, calls this).
 - ``bits=16``: float32 weights and biases stored as bfloat16 (0.5x), for ``bf16-mixed`` training: CUDA and CPU
   autocast cast each float32 weight to bfloat16 for its matmul anyway (``linear``, ``addmm``, ``matmul`` are on both
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_lowvram.quantization import (
+from lightning_lowvram.cores.dynamic_quant import (
     as_linear,
     is_conv1d,
     is_linear,
@@ -318,7 +318,7 @@ def nf4_bytes(numel: int) -> int:
     """Bytes torchao's ``NF4Tensor`` holds for a weight of ``numel`` values (a multiple of 64 x 256).
 
     Packed 4-bit data (numel / 2), one int8 scale per block of 64, one float32 factor per 256 scales, a float32 scale
-    mean and the 16-entry float32 NF4 table (``tests/test_lowbit.py`` checks it against the tensors).
+    mean and the 16-entry float32 NF4 table (``tests/cores/test_low_bit_base.py`` checks it against the tensors).
 
     Example:
         >>> nf4_bytes(256 * 256)
@@ -332,9 +332,9 @@ def nf4_bytes(numel: int) -> int:
 def dequant_bytes(numel: int, element_size: int, bits: Bits, rows: int = 0) -> int:
     """Bytes a layer's on-the-fly dequantization holds at once, in forward and in backward (the safe side).
 
-    Measured with the project's tracker (``tests/test_lowbit.py`` checks it for float32, bfloat16 and float16
-    weights): int8 weight-only (torchao 0.18) holds one copy of the weight in its dtype and its ``rows`` scales and
-    zero points in float32 (8 bytes a row, and a few scalars); :class:`NF4Linear` the
+    Measured with the project's tracker (``tests/cores/test_low_bit_base.py`` checks it for float32, bfloat16 and
+    float16 weights): int8 weight-only (torchao 0.18) holds one copy of the weight in its dtype and its ``rows`` scales
+    and zero points in float32 (8 bytes a row, and a few scalars); :class:`NF4Linear` the
     weight in its dtype (under autocast, the smaller autocast dtype), its scalers (one per 64 weights) and one
     slice's scratch (26 bytes a pair of weights, the safe side). torchao's own NF4 ``F.linear`` would hold 20 bytes
     a float32 weight. The same operations run on CUDA (unverified there: no GPU measurement yet).
@@ -368,7 +368,7 @@ def low_bit_phases(module: nn.Module, bits: Bits, chunked_head: bool = False) ->
     saved, everything = low_bit_saving(module, bits)
     backward = everything
     if chunked_head and bits != 16:
-        from lightning_lowvram.chunked_ce_hf import causal_lms
+        from lightning_lowvram.cores.chunked_cross_entropy_hf import causal_lms
 
         heads = {id(m.get_output_embeddings()) for m in causal_lms(module)}
         backward = low_bit_saving(module, bits, skip=heads)[1]
@@ -380,7 +380,8 @@ def low_bit_saving(module: nn.Module, bits: Bits, skip: set[int] | None = None) 
 
     The same layers are converted (frozen, untied, NF4-blockable for 4 bits); 4 bits counted with :func:`nf4_bytes`,
     8 bits as torchao 0.18's int8 weight-only layout: int8 weights, a float32 scale and an int8 zero point per output
-    row (both checked against converted layers by ``tests/test_lowbit.py``). The transient is the largest layer's
+    row (both checked against converted layers by ``tests/cores/test_low_bit_base.py``). The transient is the largest
+    layer's
     :func:`dequant_bytes`: what a planner adds back at the peak. 16 bits: half of each float32 weight and bias, and
     no transient (the planner traces a bfloat16 base instead: autocast's bfloat16 copies of float32 weights, which
     the float base's step holds, are gone too). ``skip``: ids of layers whose transient is not counted (their saving

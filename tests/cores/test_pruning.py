@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lowvram.demo import TinyGPT
-from lightning_lowvram.pruning import (
+from lightning_lowvram.cores.pruning import (
     apply_masks,
     cubic_sparsity,
     output_layers,
@@ -12,6 +11,7 @@ from lightning_lowvram.pruning import (
     replay_structure,
     update_masks,
 )
+from lightning_lowvram.demo import TinyGPT
 
 
 def _mlp():

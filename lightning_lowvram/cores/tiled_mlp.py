@@ -125,7 +125,7 @@ def mlp_modules(model: nn.Module) -> list[str]:
         ['model.layers.0.mlp', 'model.layers.1.mlp']
 
     """
-    from lightning_lowvram.checkpointing import repeated_blocks
+    from lightning_lowvram.cores.activation_checkpointing import repeated_blocks
 
     names = []
     for block in repeated_blocks(model):

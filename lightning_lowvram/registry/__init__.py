@@ -3,12 +3,14 @@
 A :class:`Strategy` names its callback (or Lightning strategy), the dataclass of its arguments (primitive and Literal
 fields: what Hydra, LightningCLI and Python all pass), its one-line summary, how it changes a step's estimate
 (applied to the traced copy, or modelled on the traced bytes) and the values the planner may try. The built-in
-strategies are declared in :mod:`lightning_lowvram.strategies`; a package of yours adds one with :func:`register`
-(or an entry point in the ``lightning_lowvram.strategies`` group naming a module that registers on import), and it
-appears in ``estimate_step_memory(strategies=...)``, in the plan, in ``plan_callbacks``, in ``Plan.overrides``, in
-the Hydra tree (``callbacks=[...,lowvram_<name>]``) and in the CLI's checks, with no other edit.
+strategies are declared in :mod:`lightning_lowvram.registry.builtin`; a package of yours adds one with
+:func:`register` (or an entry point in the ``lightning_lowvram.strategies`` group naming a module that registers on
+import), and it appears in ``estimate_step_memory(strategies=...)``, in the plan, in ``plan_callbacks``, in
+``Plan.overrides``, in the Hydra tree (``callbacks=[...,lowvram_<name>]``) and in the CLI's checks, with no other
+edit.
 
-This module imports neither Lightning, the callbacks, the planner nor Hydra: they all import it.
+This package imports neither Lightning, the callbacks, the planner nor Hydra (the built-ins' hooks import the cores
+when called): they all import it.
 
 Example:
     >>> sorted(s.name for s in strategies())[:3]
@@ -99,6 +101,8 @@ class Strategy:
             ``callbacks.<node>.<key>=<value>``).
         plan_options: The plan's switches for it and their defaults (``allow_low_bit_base: False``): arguments of
             ``plan`` and keys of ``strategy=auto``.
+        requires: Refuse a model the built callback cannot apply to, before any step: ``requires(model, callback)``
+            raises ``ValueError`` with the reason (a low-bit base needs frozen layers).
 
     """
 
@@ -119,6 +123,7 @@ class Strategy:
     arguments: Callable[[Value], dict[str, Any]] = _none
     overrides: Callable[[Value], list[str]] | None = None
     plan_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    requires: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -296,7 +301,7 @@ def _load_builtins() -> None:
     if _loaded:
         return
     _loaded = True
-    importlib.import_module("lightning_lowvram.strategies")
+    importlib.import_module("lightning_lowvram.registry.builtin")
     from importlib.metadata import entry_points
 
     for entry in entry_points(group="lightning_lowvram.strategies"):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lightning_lowvram._files import load_weights_only
-from lightning_lowvram.pruning_units import is_conv1d
+from lightning_lowvram.cores.pruning_units import is_conv1d
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,158 @@
+"""Build what a config names (model, data, callbacks, Trainer, plan), checked, before anything runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_lowvram._files import check_writable
+from lightning_lowvram.cli.checks import _check_batch, _check_requirements, _check_strategy_keys, _check_top_level
+from lightning_lowvram.cli.errors import ConfigError, NothingFits, _blame, _reason, _show
+from lightning_lowvram.hydra_setup import (
+    NodeError,
+    NothingFitsError,
+    compose_strategies,
+    planned_devices,
+    trainer_strategy_node,
+)
+from lightning_lowvram.memory.profiles import GPUProfile
+
+
+def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    target = node.get("_target_") if isinstance(node, Mapping | DictConfig) else None
+    if target is None:
+        raise ConfigError(key, _show(node), "a `_target_` is required")
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        raise _blame(node, key, _reason(err)) from err
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate everything ``cfg`` names and check it, before anything runs.
+
+    Returns:
+        ``profile``, ``model``, ``data``, ``callbacks`` (name -> callback) and ``trainer``.
+
+    Raises:
+        ConfigError: For an unknown command, a bad GPU profile, a ``_target_`` that does not resolve, or a model that
+            cannot be trained.
+
+    """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    _check_top_level(cfg)
+    L.seed_everything(cfg.seed, workers=True)  # the model is built seeded
+    try:
+        profile = GPUProfile.from_config(OmegaConf.to_container(cfg.gpu, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise _blame(cfg.gpu, "gpu", str(err).splitlines()[0]) from err
+    model = _instantiate(cfg.model, "model")
+    if not isinstance(model, L.LightningModule):
+        raise ConfigError("model._target_", cfg.model._target_, f"a {type(model).__name__}, not a LightningModule")
+    if not is_overridden("training_step", model, L.LightningModule):
+        raise ConfigError("model._target_", cfg.model._target_, "has no training_step: `lowvram fit` cannot train it")
+    data = _instantiate(cfg.data, "data")
+    batch = _first_batch(data) if isinstance(data, L.LightningDataModule) else None  # for the check and the plan
+    if batch is not None:
+        _check_batch(cfg, model, batch)
+    _check_strategy_keys(cfg)
+    if trainer_strategy_node(cfg) is not None and cfg.trainer.get("strategy") is not None:
+        reason = f"strategy={cfg.strategy.name} sets the Trainer's strategy; drop trainer.strategy"
+        raise ConfigError("trainer.strategy", cfg.trainer.strategy, reason)
+    callbacks, trainer_kwargs, chosen = _compose(cfg, model, batch, profile)
+    _check_requirements(cfg, model, callbacks)
+    for callback in callbacks.values():
+        if hasattr(callback, "print_table"):
+            callback.print_table = False  # the summary prints each table once
+    context = _max_context(cfg, model, batch, profile) if cfg.command == "plan" and cfg.max_context else None
+    root = cfg.trainer.get("default_root_dir") or _run_dir()
+    try:  # checkpoints, logs and the plan's chart go here: refuse a path that cannot hold them before any work
+        check_writable(Path(root) / "checkpoints" / "x.ckpt", "the run directory")
+    except ValueError as err:
+        raise ConfigError("trainer.default_root_dir", root, str(err)) from err
+    trainer_kwargs["default_root_dir"] = root
+    extra = []
+    if cfg.command == "fit" and cfg.trainer.get("enable_checkpointing", True):
+        from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
+
+        if not any(isinstance(c, Checkpoint) for c in callbacks.values()):
+            extra.append(ModelCheckpoint())  # Lightning's default, which any Checkpoint callback would replace
+        # Ctrl-C (or any error) mid-run leaves a checkpoint to resume from (`ckpt_path=...`)
+        extra.append(OnExceptionCheckpoint(os.path.join(root, "checkpoints"), filename="interrupted"))
+    trainer_kwargs["callbacks"] = [*callbacks.values(), *extra]
+    trainer = _instantiate(cfg.trainer, "trainer", **trainer_kwargs)
+    if trainer.accumulate_grad_batches < 1:
+        raise ConfigError("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, "must be an integer >= 1")
+    return {
+        "profile": profile,
+        "model": model,
+        "data": data,
+        "callbacks": callbacks,
+        "trainer": trainer,
+        "plan": chosen,
+        "context": context,
+    }
+
+
+def _max_context(cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile) -> list[str]:
+    """The longest sequence and the largest batch that fit the card with the smallest settings, as report lines."""
+    from lightning_lowvram.planner.context import frugal_settings, longest_sequence
+
+    settings = frugal_settings(model, profile)
+    margin = cfg.strategy.get("margin", 0.1)
+    try:
+        tokens = longest_sequence(model, batch, profile, margin=margin, **settings)
+        samples = longest_sequence(model, batch, profile, margin=margin, dim=0, step=1, **settings)
+    except ValueError as err:
+        raise ConfigError("max_context", cfg.max_context, str(err).splitlines()[0]) from err
+    return [
+        f"longest sequence that fits {profile.name} ({tokens.setting}, batch as given): {tokens.tokens} tokens",
+        f"largest batch at the example's sequence: {samples.tokens} samples",
+    ]
+
+
+def _compose(
+    cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``hydra_setup.compose_strategies`` (the one composition path), its errors as one line naming the key."""
+    planning = cfg.command == "plan" or (cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None)
+    if planning and profile.usable_bytes is None:
+        raise ConfigError("gpu", cfg.gpu.name, "has no memory size to plan for; pick a card, e.g. gpu=rtx3060_12gb")
+    if planning and batch is None:
+        raise ConfigError("data._target_", cfg.data._target_, "planning needs a LightningDataModule (its first batch)")
+    try:
+        if planning:
+            planned_devices(cfg)
+    except ValueError as err:
+        raise ConfigError("trainer.devices", cfg.trainer.get("devices"), str(err).split(": ", 1)[1]) from err
+    try:
+        return compose_strategies(cfg, profile, model, batch, instantiate=_instantiate, plan_only=cfg.command == "plan")
+    except ConfigError:
+        raise
+    except NodeError as err:
+        raise ConfigError(err.key, err.value, err.reason) from err
+    except NothingFitsError as err:
+        raise NothingFits(str(err)) from err
+    except ValueError as err:  # the planner refused its options
+        raise _blame(cfg.strategy, "strategy", str(err).splitlines()[0]) from err
+
+
+def _first_batch(data: L.LightningDataModule) -> Any:
+    data.prepare_data()
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def _run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.getcwd()
