@@ -23,6 +23,8 @@ LAYERS = {  # module prefix -> layer
     "lightning_lowvram.memory": 1,
     "lightning_lowvram.cores": 2,
     "lightning_lowvram.demo": 2,
+    "lightning_lowvram.models": 2,
+    "lightning_lowvram.data": 2,
     "lightning_lowvram.registry": 3,
     "lightning_lowvram.callbacks": 4,
     "lightning_lowvram.strategies": 4,

@@ -484,3 +484,79 @@ def test_plan_with_max_context_reports_the_longest_sequence_and_largest_batch(tm
 def test_max_context_must_be_true_or_false():
     with pytest.raises(ConfigError, match="max_context=maybe: must be true or false"):
         build(_cfg("command=plan", "max_context=maybe"))
+
+
+TINY_LLAMA = ("model.config={model_type:llama,hidden_size:64,intermediate_size:128,num_hidden_layers:2,"
+              "num_attention_heads:4,num_key_value_heads:2,vocab_size:320}")  # fmt: skip
+
+
+def _text(tmp_path):
+    path = tmp_path / "my.txt"
+    path.write_text("\n\n".join(f"Sample {i}: the quick brown fox jumps over the lazy dog, again." for i in range(40)))
+    return path
+
+
+def test_a_hugging_face_fine_tune_on_a_text_file_from_the_command_line(tmp_path):
+    data = ["data=text_file", f"data.path={_text(tmp_path)}", "data.max_length=256"]
+    card = ["gpu=rtx3060_12gb", "gpu.memory_gib=0.02", "gpu.context_mib=0"]  # the plain step does not fit
+    hf = ["model=hf_causal_lm", TINY_LLAMA, "model.lora.r=4", *data, *card]
+    planned = run(_cfg(*hf, "command=plan", f"trainer.default_root_dir={tmp_path / 'plan'}"))["plan"]
+    assert not planned.candidates[0].fits and planned.chosen is not None
+    summary = run(_cfg(*hf, "strategy=auto", f"trainer.default_root_dir={tmp_path / 'fit'}"))
+    assert "ChunkedCrossEntropyCallback" in " ".join(summary["strategies"]) and summary["metrics"]["train_loss"] > 0
+    assert summary["model"] == "lightning_lowvram.models.HFCausalLM"
+
+
+def test_a_local_model_directory_brings_its_own_tokenizer(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    from lightning_lowvram.models import HFCausalLM
+
+    local = tmp_path / "my-model"
+    HFCausalLM(
+        config={"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "vocab_size": 300}
+    ).model.save_pretrained(local)
+    ByT5Tokenizer(extra_ids=0).save_pretrained(local)
+    parts = build(_cfg("model=hf_causal_lm", f"model.name={local}", "data=text_file", f"data.path={_text(tmp_path)}",
+                       f"trainer.default_root_dir={tmp_path / 'run'}"))  # fmt: skip
+    assert parts["data"].tokenizer.name_or_path == str(local) and parts["model"].vocab_size() == 300
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=./missing-model"], r"^model.name=./missing-model: neither a local directory nor a model"),
+        (["model.name=null"], r"^model.name=null: give a model name"),
+        (["data.path=/no/such.txt"], r"^data.path=/no/such.txt: no such file"),
+        (
+            ["model.lora.r=4", "model.lora.target_modules=[nope]"],
+            r"^model.lora=.*: lora.target_modules=\['nope'\]: "
+            r"matches no module of LlamaForCausalLM",
+        ),  # fmt: skip
+        (
+            ["model.config.vocab_size=96"],
+            r"^data.tokenizer=null: its tokenizer gives token ids up to \d+, but the "
+            r"model's vocabulary has 96",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_hugging_face_input_is_one_line_naming_the_key(overrides, message, tmp_path):
+    base = ["model=hf_causal_lm", TINY_LLAMA, "data=text_file", f"data.path={_text(tmp_path)}"]
+    if any(o.startswith("model.name=") for o in overrides):
+        base.append("model.config=null")
+    with pytest.raises(ConfigError, match=message) as info:
+        build(_cfg(*base, *overrides, f"trainer.default_root_dir={tmp_path / 'run'}"))
+    assert "\n" not in str(info.value)
+
+
+def test_a_sequence_classifier_on_labelled_jsonl_from_the_command_line(tmp_path):
+    import json
+
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"review {i}", "label": i % 3}) for i in range(24)))
+    bert = ("model.config={model_type:bert,hidden_size:32,num_hidden_layers:1,num_attention_heads:4,"
+            "intermediate_size:64,vocab_size:300}")  # fmt: skip
+    data = ["data=text_file", f"data.path={path}", "data.label_field=label"]
+    model = ["model=hf_sequence_classifier", bert, "model.num_labels=3", "model.lora.r=2"]
+    summary = run(_cfg(*model, *data, f"trainer.default_root_dir={tmp_path}"))
+    assert summary["model"] == "lightning_lowvram.models.HFSequenceClassifier" and summary["metrics"]["train_loss"] > 0

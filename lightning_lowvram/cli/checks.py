@@ -114,12 +114,26 @@ def _check_batch(cfg: DictConfig, model: L.LightningModule, batch: Any) -> None:
     """The model's training_step on the data's first batch, on fake tensors: a mismatch is named before training."""
     from lightning_lowvram.planner.estimate import check_batch
 
+    _check_vocabulary(cfg, model, batch)
     try:
         check_batch(model, batch)
     except ValueError as err:
         why = str(err).split(": ", 1)[-1]
         reason = f"its training_step does not take data={_choice(cfg, 'data')}'s batches: {why}"
         raise ConfigError("model", _choice(cfg, "model"), reason) from err
+
+
+def _check_vocabulary(cfg: DictConfig, model: L.LightningModule, batch: Any) -> None:
+    """Token ids the model has no embedding for (a tokenizer larger than a random-init config's vocabulary)."""
+    vocab = model.vocab_size() if callable(getattr(model, "vocab_size", None)) else None
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    if vocab is None or ids is None or not ids.numel() or int(ids.max()) < vocab:
+        return
+    reason = (
+        f"its tokenizer gives token ids up to {int(ids.max())}, but the model's vocabulary has {vocab}: give the model "
+        f"vocab_size > {int(ids.max())} (model.config) or data.tokenizer of the model's own"
+    )
+    raise ConfigError("data.tokenizer", cfg.data.get("tokenizer"), reason)
 
 
 def _choice(cfg: DictConfig, group: str) -> str:

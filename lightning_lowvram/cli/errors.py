@@ -58,10 +58,15 @@ def _blamed_key(node: Any, prefix: str, reason: str) -> str | None:
 
 
 def _drop_key(reason: str, key: str) -> str:
-    """``"gpu.memory_gib must be > 0"`` -> ``"must be > 0"`` when the line already names the key."""
+    """The reason without the key the line already names: ``"gpu.memory_gib must be > 0"`` -> ``"must be > 0"``.
+
+    Also ``"path=x.txt: no such file"`` -> ``"no such file"``.
+    """
     for prefix in (key, key.rsplit(".", 1)[-1]):
         if reason.startswith(prefix + " "):
             return reason[len(prefix) + 1 :]
+        if reason.startswith(prefix + "=") and ": " in reason:
+            return reason.split(": ", 1)[1]
     return reason
 
 

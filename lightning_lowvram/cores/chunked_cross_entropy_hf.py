@@ -55,8 +55,12 @@ _LOSS_ONLY = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
 def causal_lms(module: nn.Module) -> list[nn.Module]:
-    """The Hugging Face causal LMs inside ``module`` (outermost ones; ``module`` itself included)."""
-    if type(module).__name__.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(module, "get_output_embeddings"):
+    """The Hugging Face causal LMs inside ``module`` (outermost ones; ``module`` itself included).
+
+    peft's ``PeftModelForCausalLM`` is a wrapper, not the model: the transformers model inside it is found.
+    """
+    named = type(module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    if named and hasattr(module, "get_output_embeddings") and not type(module).__module__.startswith("peft"):
         return [module] if hasattr(module, "config") and hasattr(module, "base_model_prefix") else []
     return [found for child in module.children() for found in causal_lms(child)]
 
