@@ -120,7 +120,7 @@ def part2(steps: int) -> None:
     from lightning_lowvram.cli import main
 
     args = [
-        "fit", "gpu=gtx1660_6gb", "strategy=auto", "strategy.allow_low_bit_base=true",
+        "fit", "example=none", "gpu=gtx1660_6gb", "strategy=auto", "strategy.allow_low_bit_base=true",
         "model._target_=benchmarks.lora_showcase.Llama1B", "data._target_=benchmarks.lora_showcase.TextTokens",
         f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "test_after_fit=false",
         "trainer.enable_checkpointing=false", "trainer.logger=false",

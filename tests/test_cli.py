@@ -25,7 +25,7 @@ FAST = [
 
 def _cfg(*overrides):
     with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
-        return compose("lowvram", overrides=[*FAST, *overrides])
+        return compose("lowvram", overrides=["example=none", *FAST, *overrides])
 
 
 def test_fit_on_the_default_demo_under_an_emulated_card(tmp_path, capsys):
@@ -170,7 +170,7 @@ def _lowvram(*args, cwd):
 def test_console_script_and_module(entry, tmp_path):
     exe = Path(sys.executable).parent / "lowvram"
     cmd = [str(exe)] if entry == ["lowvram"] else entry
-    proc = _lowvram(*cmd, "fit", "gpu=t4_16gb", *FAST, cwd=tmp_path)
+    proc = _lowvram(*cmd, "fit", "example=mlp", "gpu=t4_16gb", *FAST, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lowvram summary" in proc.stdout
     assert "t4_16gb: 14.75 GiB, emulated on cpu" in proc.stdout
@@ -366,6 +366,8 @@ def _main(args, cwd, monkeypatch, capsys):
     Path(cwd).mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    if not any(a.startswith("example=") for a in args):  # these tests run the digits MLP unless they say otherwise
+        args = [args[0], "example=none", *args[1:]]
     try:
         main(args)
         code = 0
@@ -560,3 +562,28 @@ def test_a_sequence_classifier_on_labelled_jsonl_from_the_command_line(tmp_path)
     model = ["model=hf_sequence_classifier", bert, "model.num_labels=3", "model.lora.r=2"]
     summary = run(_cfg(*model, *data, f"trainer.default_root_dir={tmp_path}"))
     assert summary["model"] == "lightning_lowvram.models.HFSequenceClassifier" and summary["metrics"]["train_loss"] > 0
+
+
+def test_the_default_example_does_not_fit_plain_and_the_plan_makes_it_fit(tmp_path, capsys):
+    import json
+
+    with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
+        cfg = compose("lowvram", overrides=[f"trainer.default_root_dir={tmp_path}", "trainer.logger=false"])
+    assert (cfg.gpu.name, cfg.model._target_, cfg.strategy.name) == (
+        "demo_slice",
+        "lightning_lowvram.demo.TinyGPT",
+        "auto",
+    )
+    summary = run(cfg)
+    out = capsys.readouterr().out
+    assert not summary["before"]["fits"] and summary["before"]["predicted_peak"] > summary["budget"]
+    after = summary["after"]
+    assert after["predicted_peak"] <= summary["budget"] and after["measured_peak"] <= summary["budget"]
+    assert after["measured_step_s"] > 0 and summary["strategies"] != ["none"]
+    assert "does not fit" in out.split("  before")[1].splitlines()[0] and "measured" in out.split("  after")[1]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["after"]["setting"] == after["setting"] and saved["memory"]["fit"]["total"] == after["measured_peak"]
+    quick = run(_cfg("example=mlp", f"trainer.default_root_dir={tmp_path / 'mlp'}", "summary_json=false"))
+    assert (
+        "before" not in quick and quick["strategies"] == ["none"] and not (tmp_path / "mlp" / "summary.json").exists()
+    )

@@ -8,7 +8,7 @@ from lightning_lowvram.memory.budget import active_budget
 
 def _cfg(*overrides):
     with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
-        return compose("lowvram", overrides=list(overrides))
+        return compose("lowvram", overrides=["example=none", *overrides])
 
 
 def test_a_foreign_app_gets_the_strategy_callbacks_and_the_cards_budget():

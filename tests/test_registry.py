@@ -35,7 +35,7 @@ def _card(tensor_bytes):
 
 def _cfg(*overrides):
     with initialize_config_module("lightning_lowvram.conf", version_base="1.3"):
-        return compose("lowvram", overrides=[*FAST, *overrides])
+        return compose("lowvram", overrides=["example=none", *FAST, *overrides])
 
 
 @pytest.mark.usefixtures("toy")

@@ -80,7 +80,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError("trainer.default_root_dir", root, str(err)) from err
     trainer_kwargs["default_root_dir"] = root
-    extra = []
+    from lightning.pytorch.callbacks import Timer
+
+    timer = Timer()  # the summary's measured time per optimizer step
+    extra: list[Any] = [timer] if cfg.command == "fit" else []
     if cfg.command == "fit" and cfg.trainer.get("enable_checkpointing", True):
         from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 
@@ -100,6 +103,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "trainer": trainer,
         "plan": chosen,
         "context": context,
+        "timer": timer,
     }
 
 

@@ -23,7 +23,7 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError("command", cfg.command, f"unknown; allowed: {', '.join(COMMANDS)}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError("seed", cfg.seed, "must be an integer")
-    for key in ("emulate_gpu", "test_after_fit", "max_context"):
+    for key in ("emulate_gpu", "test_after_fit", "max_context", "summary_json"):
         if not isinstance(cfg.get(key), bool):
             raise ConfigError(key, cfg.get(key), "must be true or false")
     ckpt = cfg.get("ckpt_path")

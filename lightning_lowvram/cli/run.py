@@ -63,6 +63,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = _summary(cfg, parts, gpu_line, metrics)
     if trainer.is_global_zero:  # one summary for a run on several processes (rank 0's metrics and memory)
         print(format_summary(summary))
+        if cfg.get("summary_json", True):
+            path = Path(trainer.default_root_dir) / "summary.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(summary_json(summary))
+            print(f"  summary as JSON  {path}")
     return summary
 
 
@@ -173,6 +178,7 @@ def _summary(cfg: DictConfig, parts: dict[str, Any], gpu_line: str, metrics: dic
         strategy_lines.insert(0, f"{type(trainer.strategy).__name__} ({trainer.world_size} ranks)")
     reports = next((c.reports for c in parts["callbacks"].values() if isinstance(c, MemoryReportCallback)), {})
     return {
+        **_before_after(parts, reports),
         "model": cfg.model._target_,
         "parameters": sum(p.numel() for p in parts["model"].parameters()),
         "gpu": gpu_line,
@@ -189,6 +195,51 @@ def _summary(cfg: DictConfig, parts: dict[str, Any], gpu_line: str, metrics: dic
     }
 
 
+def _before_after(parts: dict[str, Any], reports: dict[str, Any]) -> dict[str, Any]:
+    """For a planned fit: the plain setting's prediction, and the chosen one's predicted and measured peak and time."""
+    from lightning_lowvram.planner.search import tensor_peak
+
+    chosen, trainer, timer = parts.get("plan"), parts["trainer"], parts.get("timer")
+    if chosen is None or chosen.chosen is None:
+        return {}
+    plain, picked = chosen.candidates[0], chosen.chosen
+    steps = trainer.global_step
+    seconds = timer.time_elapsed("train") / steps if timer is not None and steps else None
+    fit = reports.get("fit")
+    return {
+        "budget": chosen.budget,
+        "before": {"setting": plain.label, "predicted_peak": tensor_peak(plain), "fits": plain.fits,
+                   "predicted_step_s": plain.step_time},
+        "after": {"setting": picked.label, "predicted_peak": tensor_peak(picked),
+                  "measured_peak": fit.total if fit else None, "predicted_step_s": picked.step_time,
+                  "measured_step_s": seconds},
+    }  # fmt: skip
+
+
+def _plan_lines(summary: dict[str, Any], card: str) -> list[str]:
+    before, after = summary["before"], summary["after"]
+    fits = "fits" if before["fits"] else "does not fit"
+    measured = after["measured_peak"]
+    here = f", measured {format_bytes(measured)} in this run" if measured is not None else ""
+    step = after["measured_step_s"]
+    step_here = f", {step:.3f} s/step measured in this run (this machine's speed)" if step else ""
+    budget = format_bytes(summary["budget"])
+    return [
+        f"  before           {before['setting']}: predicted {format_bytes(before['predicted_peak'])} against "
+        f"{budget} (the budget less the plan's margin): {fits}; {before['predicted_step_s']:.4f} s/step on {card}",
+        f"  after            {after['setting']}: predicted {format_bytes(after['predicted_peak'])}{here}; "
+        f"{after['predicted_step_s']:.4f} s/step predicted{step_here}",
+    ]
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    """The summary as JSON, for scripts (memory by stage: ``total`` and ``by_category`` bytes)."""
+    import json
+
+    memory = {stage: {"total": s.total, "by_category": dict(s.by_category)} for stage, s in summary["memory"].items()}
+    return json.dumps({**summary, "memory": memory}, indent=1, default=str)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary as text."""
     lines = [
@@ -197,6 +248,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  gpu              {summary['gpu']}",
         f"  effective batch  {summary['effective_batch']} = {summary['effective_batch_formula']}",
         f"  strategies       {', '.join(summary['strategies'])}",
+        *(_plan_lines(summary, summary["gpu"].split(":")[0]) if "before" in summary else []),
         "  metrics          " + ", ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items()),
     ]
     for detail in summary.get("details", []):
