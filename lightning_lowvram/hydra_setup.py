@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_lowvram.memory.budget import memory_budget
 from lightning_lowvram.memory.profiles import GPUProfile, gpu_profile
-from lightning_lowvram.registry import Strategy, on_register, strategies
+from lightning_lowvram.registry import Strategy, as_override, by_target, on_register
 
 
 def auto_options() -> dict[str, Any]:
@@ -112,13 +112,7 @@ def show(value: Any) -> str:
     """A config value as it is written on the command line (``null``, ``true``, ``[a,b]``)."""
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value, resolve=False)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(show(v) for v in value) + "]"
-    return str(value)
+    return as_override(value)
 
 
 def check_nodes(cfg: DictConfig) -> None:
@@ -131,7 +125,7 @@ def check_nodes(cfg: DictConfig) -> None:
     """
     from hydra.utils import get_class
 
-    declared = {s.load(): s for s in strategies()}
+    declared = by_target()
     nodes = list(callback_nodes(cfg))
     node = trainer_strategy_node(cfg)
     nodes += [(f"strategy.{TRAINER_STRATEGY}", node)] if node is not None else []

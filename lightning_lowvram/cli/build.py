@@ -12,12 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_lowvram._files import check_writable
 from lightning_lowvram.cli.checks import _check_batch, _check_requirements, _check_strategy_keys, _check_top_level
-from lightning_lowvram.cli.errors import ConfigError, NothingFits, _blame, _reason, _show
+from lightning_lowvram.cli.errors import ConfigError, NothingFits, _blame, _reason
 from lightning_lowvram.hydra_setup import (
     NodeError,
     NothingFitsError,
     compose_strategies,
     planned_devices,
+    show,
     trainer_strategy_node,
 )
 from lightning_lowvram.memory.profiles import GPUProfile
@@ -29,7 +30,7 @@ def _instantiate(node: Any, key: str, **kwargs: Any) -> Any:
 
     target = node.get("_target_") if isinstance(node, Mapping | DictConfig) else None
     if target is None:
-        raise ConfigError(key, _show(node), "a `_target_` is required")
+        raise ConfigError(key, show(node), "a `_target_` is required")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:

@@ -93,9 +93,9 @@ def _check_requirements(cfg: DictConfig, model: L.LightningModule, callbacks: di
 
     A low-bit base needs frozen layers, the chunked loss a HF causal LM.
     """
-    from lightning_lowvram.registry import strategies
+    from lightning_lowvram.registry import by_target
 
-    declared = {s.load(): s for s in strategies() if s.requires is not None}
+    declared = by_target()
     for name, callback in callbacks.items():
         strategy = declared.get(type(callback))
         if strategy is None or strategy.requires is None:
@@ -105,7 +105,9 @@ def _check_requirements(cfg: DictConfig, model: L.LightningModule, callbacks: di
         except ValueError as err:
             group = name.partition(".")[0]
             hint = (
-                "; this model takes +model.lora_rank=8" if "frozen" in str(err) and "lora_rank" in model.hparams else ""
+                "; this model takes +model.lora_rank=8"
+                if strategy.name == "low_bit_base" and "lora_rank" in model.hparams
+                else ""
             )
             raise ConfigError(group, _choice(cfg, group), f"model={_choice(cfg, 'model')}: {err}{hint}") from err
 

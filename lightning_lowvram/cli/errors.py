@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lightning_lowvram.hydra_setup import NodeError, show
+from lightning_lowvram.hydra_setup import NodeError
 
 
 class NothingFits(RuntimeError):
@@ -23,9 +23,6 @@ class ConfigError(NodeError):
         reason: Why it was rejected.
 
     """
-
-
-_show = show  # a config value as written on the command line
 
 
 def _user_overrides() -> list[str]:

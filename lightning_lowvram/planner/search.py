@@ -466,7 +466,7 @@ class _Search:
 
     def trace(self, precision: str, micro: int, ckpt: Ckpt, layout: Layout, options: Options = ()) -> MemoryEstimate:
         """The step traced (cached), with the traced part of ``options`` (a bfloat16 base...) applied to the copy."""
-        traced = tuple((name, v) for name, v in options if get(name).trace or get(name).prepare)
+        traced = _traced_part(options)
         key = (precision, micro, ckpt, layout, self.chunked, traced)
         if key not in self.cache:
             self.cache[key] = estimate_step_memory(
@@ -518,7 +518,7 @@ class _Search:
         return self._candidate(precision, micro, ckpt, options, layout, estimate, seconds, True)
 
     def extrapolated(self, precision: str, micro: int, ckpt: Ckpt, options: Options, layout: Layout) -> Candidate:
-        traced = tuple((name, v) for name, v in options if get(name).trace or get(name).prepare)
+        traced = _traced_part(options)
         if (precision, micro, ckpt, layout, self.chunked, traced) in self.cache or micro <= 2:
             return self.traced(precision, micro, ckpt, options, layout)
         one = self.trace(precision, 1, ckpt, layout, options)
@@ -549,6 +549,11 @@ class _Search:
         micro_seconds += self.copies(moved)
         seconds = math.ceil(self.n / micro) * micro_seconds + two.work.seconds(self.profile, 0, traffic)
         return self._candidate(precision, micro, ckpt, options, layout, estimate, seconds, False)
+
+
+def _traced_part(options: Options) -> Options:
+    """The options a trace applies to the copy (``trace``/``prepare``); the others are modelled per candidate."""
+    return tuple((name, v) for name, v in options if get(name).trace or get(name).prepare)
 
 
 def _has_mlps(module: nn.Module) -> bool:

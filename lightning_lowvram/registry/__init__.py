@@ -146,7 +146,7 @@ class Strategy:
         """Hydra overrides of a planned value, beyond putting its node in ``callbacks``."""
         if self.overrides is not None:
             return self.overrides(value)
-        return [f"callbacks.{self.node}.{k}={_yaml(v)}" for k, v in self.arguments(value).items()]
+        return [f"callbacks.{self.node}.{k}={as_override(v)}" for k, v in self.arguments(value).items()]
 
     def defaults(self) -> dict[str, Any]:
         """The config's fields and defaults, in order."""
@@ -178,8 +178,21 @@ def _default(field: dataclasses.Field[Any]) -> Any:
     raise ValueError(f"config field {field.name!r} needs a default")
 
 
-def _yaml(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else ("null" if value is None else str(value))
+def as_override(value: Any) -> str:
+    """A value as a Hydra override writes it: ``null``, ``true``, ``[a,b]``.
+
+    Example:
+        >>> as_override([True, None, 4])
+        '[true,null,4]'
+
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(as_override(v) for v in value) + "]"
+    return str(value)
 
 
 _SCALARS: dict[Any, Callable[[Any], bool]] = {
@@ -270,9 +283,9 @@ def get(name: str) -> Strategy:
     return _REGISTRY[name]
 
 
-def by_node() -> dict[str, Strategy]:
-    """The strategies by Hydra node name (``lowvram_low_bit_base``)."""
-    return {s.node: s for s in strategies()}
+def by_target() -> dict[type, Strategy]:
+    """The strategies by the class they build (imports every target: for the Hydra and CLI layers)."""
+    return {s.load(): s for s in strategies()}
 
 
 def on_register(listener: Callable[[Strategy], None]) -> None:

@@ -67,3 +67,15 @@ def test_auto_detects_cpu_without_cuda():
 def test_bad_profiles(node, match):
     with pytest.raises(ValueError, match=match):
         GPUProfile.from_config(node).usable_bytes  # noqa: B018
+
+
+def test_the_demo_slice_is_an_rtx3060_with_64_mib_free():
+    """conf/gpu/demo_slice.yaml repeats rtx3060_12gb's fields (profiles are read without defaults lists): no drift."""
+    import dataclasses
+
+    slice_, card = gpu_profile("demo_slice"), gpu_profile("rtx3060_12gb")
+    assert slice_.free_gib == 0.0625 and card.free_gib is None
+    same = {"name", "display_name", "free_gib"}
+    for field in dataclasses.fields(card):
+        if field.name not in same:
+            assert getattr(slice_, field.name) == getattr(card, field.name), field.name
