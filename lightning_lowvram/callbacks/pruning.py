@@ -27,6 +27,7 @@ from lightning_lowvram.cores.pruning import (
     channels,
     check_criterion,
     check_layouts,
+    check_runs,
     cubic_sparsity,
     keep_ratios,
     output_layers,
@@ -158,8 +159,8 @@ class PruningCallback(Callback):
         self._example = _example_inputs(trainer, pl_module)
         inputs, forward = self._example
         self._layers = prunable_layers(pl_module, self.ignore, output_layers(pl_module, inputs, forward), self._types)
-        if self.method == "structured" and not check_layouts(pl_module, self.ignore, self.scope == "global"):
-            self._dry_run(trainer, pl_module)
+        if self.method == "structured":
+            self._check_structure(trainer, pl_module)
         self.original_parameters = self.original_parameters or _count(pl_module)
         self.original_channels = self.original_channels or channels(pl_module)
         if self.schedule == "once" and -1 not in self.events:
@@ -302,6 +303,18 @@ class PruningCallback(Callback):
                 f"PruningCallback: pruning to {target:.3f} at step {max(event, 0)} removed nothing: sparsity stays "
                 f"{stats['sparsity']:.3f}, {stats['parameters']:,} parameters before and after (a layer is left "
                 "whole when the fraction would remove all of its channels, or all are ignored: use a smaller amount)"
+            )
+
+    def _check_structure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A pruning that would break the model is an error now, before any step (the model is left as it was)."""
+        assert self._example is not None
+        inputs, forward = self._example
+        if not check_layouts(pl_module, self.ignore, self.scope == "global"):
+            self._dry_run(trainer, pl_module)
+        elif not check_runs(pl_module, self.amount, inputs, forward, self.ignore, memo={id(trainer): None}):
+            rank_zero_info(
+                "PruningCallback: the module does not run on the meta device, so its pruned shapes are checked when "
+                "pruning runs, not before the first step"
             )
 
     def _dry_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

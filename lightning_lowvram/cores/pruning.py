@@ -11,7 +11,9 @@ optimizer step: no ``weight_orig``, no float mask. It does not cut training memo
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from lightning_lowvram.cores.pruning_units import (
     conform_to_state_dict,
     find_units,
     is_conv1d,
+    layout_refusals,
     prune_units,
     sync_configs,
     unit_layers,
@@ -39,6 +42,7 @@ CRITERIA: tuple[str, ...] = ("magnitude", "random")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # masked pruning: their weights
 ROOTS = (*PRUNABLE, nn.Embedding, nn.MultiheadAttention)  # structural pruning: their output channels / widths
 Forward = Callable[[nn.Module, Any], Any]  # (model, example inputs) -> outputs or loss
+log = logging.getLogger(__name__)
 Op = dict[str, Any]  # {"module": name, "fn": "prune_out_channels" | "prune_in_channels" | ..., "idxs": [int, ...]}
 
 
@@ -177,6 +181,7 @@ def prune_structured(
         return []
     units = check_layouts(model, ignore, global_pruning)
     if units:
+        check_runs(model, amount, example_inputs, forward, ignore, ratios)
         ops = prune_units(units, amount, ratios or {}, criterion, seed)
         sync_configs(model, units)
         return ops
@@ -239,8 +244,12 @@ def check_layouts(model: nn.Module, ignore: Sequence[str] = (), global_pruning: 
 
     """
     units = transformer_units(model, ignore)
+    if any(_fused_qkv(m) for m in model.modules()):
+        units = []  # the dependency graph prunes fused-qkv attention, and the MLPs beside it with it
     unknown = unknown_attention(model, units, lambda m: _handled_attention(m) or _matches(model, m, ignore))
     if unknown:
+        reasons = layout_refusals(model)
+        unknown = [f"{u}: {reasons[n]}" if (n := u.split(" ", 1)[0]) in reasons else u for u in unknown]
         raise ValueError(
             f"structured pruning does not know the attention layout of {', '.join(unknown)}: pass "
             "ignore=['<its name>*'] to leave it alone, or method='unstructured' (known layouts: "
@@ -252,6 +261,94 @@ def check_layouts(model: nn.Module, ignore: Sequence[str] = (), global_pruning: 
             "config cannot describe: use scope='layer'"
         )
     return units
+
+
+def check_runs(
+    model: nn.Module,
+    amount: float,
+    example_inputs: Any,
+    forward: Forward | None = None,
+    ignore: Sequence[str] = (),
+    ratios: Mapping[str, float] | None = None,
+    memo: dict[int, Any] | None = None,
+) -> bool:
+    """Prune a copy of ``model`` on the meta device (no weights copied) and run it: raise if it no longer runs.
+
+    This is what keeps a layout the matchers misread (a tensor sized by the heads they did not take along) from
+    breaking a model: the error comes before any weight changes. ``memo`` is passed to ``copy.deepcopy`` (a
+    LightningModule's trainer: ``{id(trainer): None}``).
+
+    Returns:
+        Whether the check ran: ``False`` where the unpruned copy does not run on the meta device either (a forward
+        that reads values, as ``loss.item()`` does), so nothing could be checked.
+
+    Raises:
+        ValueError: Naming the blocks and what the pruned copy raised.
+
+    """
+    twin = _meta_twin(model, memo)
+    inputs = _to_meta(example_inputs)
+    run = forward or call
+    try:
+        with torch.no_grad(), _MetaValues():
+            run(twin, inputs)
+    except Exception:  # the unpruned copy does not run on meta: nothing to compare with
+        log.info("structured pruning: the model does not run on the meta device, so its pruned shapes go unchecked")
+        return False
+    units = transformer_units(twin, ignore)
+    prune_units(units, amount, ratios or {}, "random")
+    sync_configs(twin, units)
+    try:
+        with torch.no_grad(), _MetaValues():
+            run(twin, inputs)
+    except Exception as exc:
+        kinds = sorted({type(u.module).__name__ for u in units})
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"structured pruning at amount={amount} would leave the model unable to run ({type(exc).__name__}: "
+            f"{first}): a tensor of {', '.join(kinds)} is sized by its heads or channels in a "
+            "way the layouts in lightning_lowvram.cores.pruning_units do not know. Pass ignore=['<block name>*'] "
+            "to leave those blocks whole, or method='unstructured'"
+        ) from exc
+    return True
+
+
+_READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__)
+_TESTS = (torch.Tensor.__bool__, torch.Tensor.__contains__)
+
+
+class _MetaValues(torch.overrides.TorchFunctionMode):
+    """A meta tensor's value read (``item``, ``bool``, ``in``) gives zero or ``False``: only the shapes are checked.
+
+    (Transformers reads mask values to pick its fast paths; the branch taken does not change any weight's shape.)
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if (func in _READS or func in _TESTS) and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            if func in _TESTS or args[0].dtype == torch.bool:
+                return False
+            zero = 0.0 if args[0].is_floating_point() else 0
+            return torch.full(args[0].shape, zero).tolist() if func is torch.Tensor.tolist else zero
+        return func(*args, **(kwargs or {}))
+
+
+def _meta_twin(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy whose parameters and buffers are meta tensors of the same shapes (nothing is copied)."""
+    memo = dict(memo or {})
+    for tensor in (*model.parameters(), *model.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, Mapping):
+        return {k: _to_meta(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_meta(v) for v in value) if type(value) in (list, tuple) else value
+    return value
 
 
 def transformer_units(model: nn.Module, ignore: Sequence[str] = ()) -> list[Unit]:
@@ -273,9 +370,11 @@ def _matches(model: nn.Module, module: nn.Module, ignore: Sequence[str]) -> bool
 
 def _handled_attention(module: nn.Module) -> bool:
     """Attention Torch-Pruning handles: ``nn.MultiheadAttention`` and a fused ``qkv`` Linear with a head count."""
-    return isinstance(module, nn.MultiheadAttention) or (
-        isinstance(getattr(module, "qkv", None), nn.Linear) and _heads(module) is not None
-    )
+    return isinstance(module, nn.MultiheadAttention) or _fused_qkv(module)
+
+
+def _fused_qkv(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "qkv", None), nn.Linear) and _heads(module) is not None
 
 
 def replay_structure(model: nn.Module, ops: Sequence[Op], example_inputs: Any, forward: Forward | None = None) -> None:
