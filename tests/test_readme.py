@@ -1,4 +1,4 @@
-"""Every command of the README runs as written (in this process, with a timeout), and says what the README says."""
+"""Every command of the README and of docs/ runs as written (in this process, with a timeout) and says what they say."""
 
 import re
 import shlex
@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SKIP = ("pip ", "python -m pytest")  # the install and the test command itself (CI runs both)
 
 
 def _commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    blocks = [b for page in PAGES for b in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
     lines = [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line and not line.startswith("#") and not line.startswith(SKIP)]
 
@@ -20,7 +21,7 @@ def _commands() -> list[str]:
 COMMANDS = _commands()
 
 
-def test_the_readme_has_the_commands_this_file_checks():
+def test_the_readme_and_docs_have_the_commands_this_file_checks():
     assert "lowvram fit" in COMMANDS and "lowvram fit example=mlp gpu=rtx3060_12gb" in COMMANDS and len(COMMANDS) >= 12
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_lowvram._progress import progress
 from lightning_lowvram.cores.dynamic_quant import (
     as_linear,
     is_conv1d,
@@ -119,6 +120,9 @@ def check_precision(bits: int, precision: str) -> None:
         )
 
 
+_LABELS = {4: "NF4", 8: "int8", 16: "bfloat16"}
+
+
 def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
     """Store every frozen Linear / ``Conv1D`` weight of ``module`` in ``bits`` bits, in place.
 
@@ -145,35 +149,37 @@ def quantize_frozen_base(module: nn.Module, bits: Bits = 4) -> LowBitReport:
     converted: list[str] = []
     before = linear_bytes(module, names)
     tied = set(tied_layers(module))
-    for name in names:
-        if name in tied:
-            kept[name] = "weight tied to another module: a low-bit copy would sit beside the float one"
-            continue
-        if bits == 16:  # in place, Conv1D as it is (its addmm is on autocast's lists too)
-            if module.get_submodule(name).weight.dtype != torch.float32:
-                kept[name] = f"already {module.get_submodule(name).weight.dtype}: nothing to save"
+    with progress(f"frozen base to {_LABELS[bits]}", total=len(names), unit="layer") as job:
+        for name in names:
+            job.advance(name)
+            if name in tied:
+                kept[name] = "weight tied to another module: a low-bit copy would sit beside the float one"
                 continue
-            _to_bf16(module.get_submodule(name))
-            converted.append(name)
-            continue
-        layer = as_linear(module.get_submodule(name))
-        if bits == 4:
-            weight = layer.weight.detach()
-            if weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
-                kept[name] = (
-                    f"{tuple(weight.shape)}: {weight.numel()} weights, not a multiple of "
-                    f"{NF4_BLOCK_SIZE} x {NF4_SCALER_BLOCK_SIZE} (torchao's NF4 blocks)"
-                )
+            if bits == 16:  # in place, Conv1D as it is (its addmm is on autocast's lists too)
+                if module.get_submodule(name).weight.dtype != torch.float32:
+                    kept[name] = f"already {module.get_submodule(name).weight.dtype}: nothing to save"
+                    continue
+                _to_bf16(module.get_submodule(name))
+                converted.append(name)
                 continue
-            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+            layer = as_linear(module.get_submodule(name))
+            if bits == 4:
+                weight = layer.weight.detach()
+                if weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
+                    kept[name] = (
+                        f"{tuple(weight.shape)}: {weight.numel()} weights, not a multiple of "
+                        f"{NF4_BLOCK_SIZE} x {NF4_SCALER_BLOCK_SIZE} (torchao's NF4 blocks)"
+                    )
+                    continue
+                from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-            layer = NF4Linear.from_linear(layer, to_nf4)
-        else:
-            box = nn.ModuleList([layer])
-            quantize_dynamic_int8(box, "torchao_weight_only", device=layer.weight.device, inplace=True)
-            layer = box[0]
-        module.set_submodule(name, layer)
-        converted.append(name)
+                layer = NF4Linear.from_linear(layer, to_nf4)
+            else:
+                box = nn.ModuleList([layer])
+                quantize_dynamic_int8(box, "torchao_weight_only", device=layer.weight.device, inplace=True)
+                layer = box[0]
+            module.set_submodule(name, layer)
+            converted.append(name)
     before = before - linear_bytes(module, kept) if kept else before
     return LowBitReport(bits, converted, kept, before, linear_bytes(module, converted))
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from lightning_lowvram._patching import patch, patched
 
 _KEYS = ("params", "lr", "betas", "eps", "weight_decay", "initial_lr")
 
@@ -46,7 +49,35 @@ def to_8bit(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     for group, old in zip(converted.param_groups, groups, strict=True):
         if "initial_lr" in old:  # set by LR schedulers built on the original
             group["initial_lr"] = old["initial_lr"]
+    patch(converted, "step", _eager_under_dispatch_modes, wrap=True)
     return converted
+
+
+def _eager_under_dispatch_modes(step: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The 8-bit step, uncompiled while a dispatch mode watches it (the meter, the CPU-emulated budget).
+
+    torchao compiles each parameter's update with ``fullgraph=True``, which refuses to run under a Python dispatch
+    mode ("non-infra torch dispatch mode present"), so a metered or emulated step would crash. Under a mode the update
+    runs eagerly instead (the same arithmetic; more temporaries than the fused kernel), announced once an optimizer.
+    """
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is None:
+        return step(*args, **kwargs)
+    optimizer = getattr(step, "__self__", None)
+    if not getattr(optimizer, "_lowvram_eager_announced", False):
+        if optimizer is not None:
+            optimizer._lowvram_eager_announced = True  # once per optimizer
+        rank_zero_info(
+            "8-bit optimizer: its steps run uncompiled while the memory meter or an emulated budget watches them "
+            "(torch.compile does not run under a dispatch mode); unwatched steps compile"
+        )
+    with patched(torch, "compile", _uncompiled):
+        return step(*args, **kwargs)
+
+
+def _uncompiled(fn: Callable[..., Any], **_: Any) -> Callable[..., Any]:
+    return fn
 
 
 def adam_state_bytes(params: Iterable[torch.Tensor], eight_bit: bool, block_size: int = 256) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lowvram._progress import progress
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
 from lightning_lowvram.planner.estimate import MemoryEstimate, estimate_step_memory
 
@@ -116,34 +117,36 @@ def longest_sequence(
     def peak(tokens: int) -> tuple[int, MemoryEstimate]:
         stretched = with_sequence(batch, tokens, example, dim)
         estimate = estimate_step_memory(module, stretched, gpu=profile, **estimate_kwargs)
+        job.advance(f"{tokens} tokens")
         if isinstance(saving, dict):
             return max(v - saving.get(p, 0) for p, v in estimate.by_phase.items()), estimate
         return estimate.peak - estimate.allowance - saving, estimate
 
-    lengths = [step, step * 2, step * 4] if dim == 0 else [step * 4, step * 8, step * 16]
-    peaks = [peak(n)[0] for n in lengths]
-    guess = min(_solve(lengths, peaks, budget), max_tokens)  # inf where the peak does not grow with the length
-    tokens = max(step, int(guess) // step * step)
-    fits: dict[int, tuple[int, MemoryEstimate]] = {}  # traced lengths that fit (their tensor peak and estimate)
+    with progress(f"longest sequence on {profile.name}", unit="trace") as job:
+        lengths = [step, step * 2, step * 4] if dim == 0 else [step * 4, step * 8, step * 16]
+        peaks = [peak(n)[0] for n in lengths]
+        guess = min(_solve(lengths, peaks, budget), max_tokens)  # inf where the peak does not grow with the length
+        tokens = max(step, int(guess) // step * step)
+        fits: dict[int, tuple[int, MemoryEstimate]] = {}  # traced lengths that fit (their tensor peak and estimate)
 
-    def fit(n: int) -> bool:
-        bytes_, estimate = peak(n)
-        if bytes_ <= budget:
-            fits[n] = bytes_, estimate
-        return bytes_ <= budget
+        def fit(n: int) -> bool:
+            bytes_, estimate = peak(n)
+            if bytes_ <= budget:
+                fits[n] = bytes_, estimate
+            return bytes_ <= budget
 
-    # bracket the answer around the fitted guess (windows of 2 %, doubling), then bisect to ``step`` tokens
-    window = max(step, tokens // 50 // step * step)
-    lo, hi = (tokens, tokens + window) if fit(tokens) else (tokens - window, tokens)
-    while lo > 0 and not fit(lo):
-        lo, hi, window = max(0, lo - 2 * window), lo, 2 * window
-    while hi <= max_tokens and fit(hi):
-        lo, hi, window = hi, hi + 2 * window, 2 * window
-    hi = min(hi, max_tokens + step)
-    while hi - lo > step:
-        middle = (lo + hi) // 2 // step * step
-        lo, hi = (middle, hi) if fit(middle) else (lo, middle)
-    bytes_, estimate = fits.get(lo, (0, None))
+        # bracket the answer around the fitted guess (windows of 2 %, doubling), then bisect to ``step`` tokens
+        window = max(step, tokens // 50 // step * step)
+        lo, hi = (tokens, tokens + window) if fit(tokens) else (tokens - window, tokens)
+        while lo > 0 and not fit(lo):
+            lo, hi, window = max(0, lo - 2 * window), lo, 2 * window
+        while hi <= max_tokens and fit(hi):
+            lo, hi, window = hi, hi + 2 * window, 2 * window
+        hi = min(hi, max_tokens + step)
+        while hi - lo > step:
+            middle = (lo + hi) // 2 // step * step
+            lo, hi = (middle, hi) if fit(middle) else (lo, middle)
+        bytes_, estimate = fits.get(lo, (0, None))
     return ContextFit(lo, estimate, budget, setting or "as given", bytes_)  # lo == 0: nothing fits
 
 

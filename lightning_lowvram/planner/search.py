@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_lowvram._progress import Progress, progress
 from lightning_lowvram.cores.batches import batch_size_of
 from lightning_lowvram.cores.chunked_cross_entropy_hf import is_chunkable
 from lightning_lowvram.memory.profiles import GPUProfile, format_bytes, gpu_profile
@@ -289,11 +290,13 @@ def plan(
     search = _Search(module, batch, profile, budget, n, devices, precisions, options)
     sizes = [n // 2**k for k in range(int(math.log2(n)) + 1)]  # n, n/2, ... 1 (halvings)
     first = "32-true" if "32-true" in precisions else precisions[0]
-    candidates = [search.extrapolated(first, n, False, (), ("none", "none"))]  # the plain setup
-    search.chunked = allow_chunked_ce and is_chunkable(module)
-    skipped: list[str] = []
-    _search_layouts(search, sizes, candidates, skipped, allow_offload)
-    chosen = _confirm(search, sizes, candidates)
+    cards = f"{devices} x {profile.name}" if devices > 1 else profile.name
+    with progress(f"plan for {cards}", unit="trace") as search.progress:
+        candidates = [search.extrapolated(first, n, False, (), ("none", "none"))]  # the plain setup
+        search.chunked = allow_chunked_ce and is_chunkable(module)
+        skipped: list[str] = []
+        _search_layouts(search, sizes, candidates, skipped, allow_offload)
+        chosen = _confirm(search, sizes, candidates)
     ordered = [candidates[0]] + sorted(candidates[1:], key=lambda c: (not c.fits, *_rank(c)))
     unique = {c.label: c for c in reversed(ordered)}  # one row a setting (the plain one first)
     rows = sorted(unique.values(), key=ordered.index)
@@ -447,6 +450,7 @@ class _Search:
         self.chunked = False  # trace with the chunked cross-entropy (every setting but the plain one, where it applies)
         self.shared: dict[Any, Any] = {}  # the strategies' cache (StepContext.cache)
         self.cache: dict[tuple[Any, ...], MemoryEstimate] = {}
+        self.progress: Progress | None = None  # a bar and a closing line while plan() runs
 
     def context(self, precision: str, unsharded: bool) -> StepContext:
         """What the strategies' hooks see of a setting."""
@@ -477,6 +481,9 @@ class _Search:
                 offload=layout[1], chunked_cross_entropy=self.chunked, strategies=dict(traced),  # type: ignore[arg-type]
                 modelled=False,
             )  # fmt: skip
+            if self.progress is not None:
+                level = "checkpointing" if ckpt is True else ckpt
+                self.progress.advance(f"{precision}, micro-batch {micro}" + (f", {level}" if level else ""))
         return self.cache[key]
 
     def traffic(self, precision: str, layout: Layout) -> Traffic:

@@ -1,3 +1,5 @@
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -51,3 +53,25 @@ def test_other_optimizers_are_refused_before_any_step():
     with pytest.raises(ValueError, match="available for Adam and AdamW, not SGD"):
         quiet_trainer(max_steps=1, callbacks=[EightBitOptimizerCallback()]).fit(model, datamodule=DigitsDataModule())
     assert torch.equal(model.net[0].weight, before)
+
+
+def test_metered_and_emulated_steps_run_uncompiled_with_the_same_weights_and_say_so(caplog):
+    """torchao compiles its update with fullgraph=True, which a dispatch mode (the meter, the CPU budget) refuses."""
+    from lightning_lowvram import MemoryReportCallback, memory_budget
+
+    caplog.set_level("INFO")
+    weights = []
+    for watched in (False, True):
+        L.seed_everything(0)
+        model = DigitsMLP(hidden=512)
+        callbacks = [EightBitOptimizerCallback()]
+        if watched:
+            callbacks.append(MemoryReportCallback(stages=["fit"], print_table=False, steps=2))
+        trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=callbacks)
+        with memory_budget(2**30) if watched else contextlib.nullcontext():
+            trainer.fit(model, datamodule=DigitsDataModule())
+        weights.append(model.net[0].weight.detach().clone())
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)  # eager = compiled, to rounding
+    # the metered peak holds the state and, during the eager update, a parameter's float32 moments being rewritten
+    assert callbacks[1].reports["fit"]["optimizer"] >= _state_bytes(trainer)
+    assert any("8-bit optimizer: its steps run uncompiled" in r.getMessage() for r in caplog.records)
