@@ -21,6 +21,7 @@ LAYERS = {  # module prefix -> layer
     "lightning_lowvram._files": 0,
     "lightning_lowvram._metrics": 0,
     "lightning_lowvram._progress": 0,
+    "lightning_lowvram._values": 0,
     "lightning_lowvram.memory": 1,
     "lightning_lowvram.cores": 2,
     "lightning_lowvram.demo": 2,

@@ -15,6 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_lowvram import registry
+from lightning_lowvram.registry import as_override
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS, CONF = ROOT / "docs", ROOT / "conf"
@@ -44,17 +45,6 @@ TOP_KEYS = {
 }
 
 
-def _value(value: object) -> str:
-    """A value as it is written on the command line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_value(v) for v in value) + "]"
-    return str(value)
-
-
 def tables() -> dict[str, str]:
     """The reference tables of docs/cli.md, generated from conf/: heading -> table."""
     groups = ["| group | options |", "|---|---|"]
@@ -65,11 +55,11 @@ def tables() -> dict[str, str]:
     keys = ["| key | default | what it does |", "|---|---|---|"]
     for key, value in top.items():
         if key != "defaults":
-            keys.append(f"| `{key}` | `{_value(value)}` | {TOP_KEYS.get(key, '(undocumented)')} |")
+            keys.append(f"| `{key}` | `{as_override(value)}` | {TOP_KEYS.get(key, '(undocumented)')} |")
     nodes = ["| node | callback | keys (defaults) |", "|---|---|---|"]
     for path in sorted((CONF / "callbacks").glob("*.yaml")):
         node = OmegaConf.to_container(OmegaConf.load(path))
-        args = ", ".join(f"`{k}={_value(v)}`" for k, v in node.items() if not k.startswith("_")) or "-"
+        args = ", ".join(f"`{k}={as_override(v)}`" for k, v in node.items() if not k.startswith("_")) or "-"
         nodes.append(f"| `{path.stem}` | `{node['_target_']}` | {args} |")
     return {"## Groups": "\n".join(groups), "## Top-level keys": "\n".join(keys), "## Callback nodes": "\n".join(nodes)}
 

@@ -311,11 +311,8 @@ class PruningCallback(Callback):
         inputs, forward = self._example
         if not check_layouts(pl_module, self.ignore, self.scope == "global"):
             self._dry_run(trainer, pl_module)
-        elif not check_runs(pl_module, self.amount, inputs, forward, self.ignore, memo={id(trainer): None}):
-            rank_zero_info(
-                "PruningCallback: the module does not run on the meta device, so its pruned shapes are checked when "
-                "pruning runs, not before the first step"
-            )
+        else:
+            check_runs(pl_module, self.amount, inputs, forward, self.ignore)  # says so when it cannot check
 
     def _dry_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Prune a copy by the dependency graph and run it: a model it would break is an error now, not mid-fit."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lightning_lowvram._patching import patch, patched
 
@@ -60,8 +61,6 @@ def _eager_under_dispatch_modes(step: Callable[..., Any], *args: Any, **kwargs: 
     mode ("non-infra torch dispatch mode present"), so a metered or emulated step would crash. Under a mode the update
     runs eagerly instead (the same arithmetic; more temporaries than the fused kernel), announced once an optimizer.
     """
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if _get_current_dispatch_mode() is None:
         return step(*args, **kwargs)
     optimizer = getattr(step, "__self__", None)

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_lowvram._files import load_weights_only
+from lightning_lowvram._values import zero_of, zeros_list
 from lightning_lowvram.cores.batches import tensors_in
 from lightning_lowvram.cores.pruning_units import (
     Unit,
@@ -42,7 +45,6 @@ CRITERIA: tuple[str, ...] = ("magnitude", "random")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # masked pruning: their weights
 ROOTS = (*PRUNABLE, nn.Embedding, nn.MultiheadAttention)  # structural pruning: their output channels / widths
 Forward = Callable[[nn.Module, Any], Any]  # (model, example inputs) -> outputs or loss
-log = logging.getLogger(__name__)
 Op = dict[str, Any]  # {"module": name, "fn": "prune_out_channels" | "prune_in_channels" | ..., "idxs": [int, ...]}
 
 
@@ -270,30 +272,33 @@ def check_runs(
     forward: Forward | None = None,
     ignore: Sequence[str] = (),
     ratios: Mapping[str, float] | None = None,
-    memo: dict[int, Any] | None = None,
 ) -> bool:
     """Prune a copy of ``model`` on the meta device (no weights copied) and run it: raise if it no longer runs.
 
     This is what keeps a layout the matchers misread (a tensor sized by the heads they did not take along) from
-    breaking a model: the error comes before any weight changes. ``memo`` is passed to ``copy.deepcopy`` (a
-    LightningModule's trainer: ``{id(trainer): None}``).
+    breaking a model: the error comes before any weight changes.
 
     Returns:
         Whether the check ran: ``False`` where the unpruned copy does not run on the meta device either (a forward
-        that reads values, as ``loss.item()`` does), so nothing could be checked.
+        whose shapes depend on values), so nothing could be checked (said once a model).
 
     Raises:
         ValueError: Naming the blocks and what the pruned copy raised.
 
     """
-    twin = _meta_twin(model, memo)
-    inputs = _to_meta(example_inputs)
+    twin = _meta_twin(model)
+    inputs = apply_to_collection(example_inputs, torch.Tensor, lambda t: t.to("meta"))
     run = forward or call
     try:
         with torch.no_grad(), _MetaValues():
             run(twin, inputs)
     except Exception:  # the unpruned copy does not run on meta: nothing to compare with
-        log.info("structured pruning: the model does not run on the meta device, so its pruned shapes go unchecked")
+        if model not in _UNCHECKED:  # said once a model, not at every pruning step
+            _UNCHECKED.add(model)
+            rank_zero_info(
+                f"structured pruning: {type(model).__name__} does not run on the meta device, so the pruned model's "
+                "shapes are not checked before its weights change"
+            )
         return False
     units = transformer_units(twin, ignore)
     prune_units(units, amount, ratios or {}, "random")
@@ -317,38 +322,34 @@ _READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.
 _TESTS = (torch.Tensor.__bool__, torch.Tensor.__contains__)
 
 
+_UNCHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 class _MetaValues(torch.overrides.TorchFunctionMode):
     """A meta tensor's value read (``item``, ``bool``, ``in``) gives zero or ``False``: only the shapes are checked.
 
-    (Transformers reads mask values to pick its fast paths; the branch taken does not change any weight's shape.)
+    (Transformers reads mask values to pick its fast paths; the branch taken does not change any weight's shape.
+    The planner's ``ScalarPlaceholders`` leaves ``bool`` alone because a trace must take the real branch; a shape
+    check need not.)
     """
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if (func in _READS or func in _TESTS) and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            if func in _TESTS or args[0].dtype == torch.bool:
-                return False
-            zero = 0.0 if args[0].is_floating_point() else 0
-            return torch.full(args[0].shape, zero).tolist() if func is torch.Tensor.tolist else zero
+            value = False if func in _TESTS else zero_of(args[0])
+            return zeros_list(tuple(args[0].shape), value) if func is torch.Tensor.tolist else value
         return func(*args, **(kwargs or {}))
 
 
-def _meta_twin(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
-    """A deep copy whose parameters and buffers are meta tensors of the same shapes (nothing is copied)."""
-    memo = dict(memo or {})
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers are meta tensors of the same shapes (nothing is copied).
+
+    A LightningModule's trainer (and so its optimizers, loaders and loggers) is not copied: the twin has none.
+    """
+    memo: dict[int, Any] = {id(t): None for m in model.modules() if (t := getattr(m, "_trainer", None)) is not None}
     for tensor in (*model.parameters(), *model.buffers()):
         empty = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
-
-
-def _to_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to("meta")
-    if isinstance(value, Mapping):
-        return {k: _to_meta(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_to_meta(v) for v in value) if type(value) in (list, tuple) else value
-    return value
 
 
 def transformer_units(model: nn.Module, ignore: Sequence[str] = ()) -> list[Unit]:

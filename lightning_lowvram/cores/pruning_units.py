@@ -376,13 +376,20 @@ def _tied(units: list[Unit], refused: dict[str, str]) -> list[Unit]:
             if len({m.groups for m in members}) > 1:
                 refused[unit.tie] = "its blocks share a position bias but hold different head counts"  # type: ignore[index]
                 continue
-            finishes = [m.finish for m in members]
             out.append(Unit(
                 unit.tie, unit.kind, unit.module, unit.groups, [s for m in members for s in m.sites],
-                lambda n, fs=finishes: [f(n) for f in fs] and None, unit.heads_per_group, unit.kv_heads, unit.tie,
+                _finish_all([m.finish for m in members]), unit.heads_per_group, unit.kv_heads, unit.tie,
                 tuple(m.module for m in members),
             ))  # fmt: skip
     return out
+
+
+def _finish_all(finishes: list[Callable[[int], None]]) -> Callable[[int], None]:
+    def finish(groups: int) -> None:
+        for each in finishes:
+            each(groups)
+
+    return finish
 
 
 def unit_layers(units: Iterable[Unit]) -> set[nn.Module]:

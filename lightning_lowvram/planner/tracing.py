@@ -24,20 +24,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
 from lightning_lowvram._patching import patched
+from lightning_lowvram._values import zero_of, zeros_list
 
 _SCALAR_READS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__)
-
-
-def _zero(t: torch.Tensor) -> Any:
-    if t.dtype == torch.bool:
-        return False
-    return 0.0 if t.is_floating_point() or t.is_complex() else 0
-
-
-def _zeros_list(shape: tuple[int, ...], value: Any) -> Any:
-    if not shape:
-        return value
-    return [_zeros_list(shape[1:], value) for _ in range(shape[0])]
 
 
 class ScalarPlaceholders(torch.overrides.TorchFunctionMode):
@@ -63,8 +52,8 @@ class ScalarPlaceholders(torch.overrides.TorchFunctionMode):
         try:  # a fake tensor that knows its value (a constant, the optimizer's step count) gives it
             return func(*args, **(kwargs or {}))
         except DataDependentOutputException:
-            value = _zero(args[0])
-            return _zeros_list(tuple(args[0].shape), value) if func is torch.Tensor.tolist else value
+            value = zero_of(args[0])
+            return zeros_list(tuple(args[0].shape), value) if func is torch.Tensor.tolist else value
 
 
 def has_meta_tensors(module: nn.Module) -> bool:

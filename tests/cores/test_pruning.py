@@ -131,3 +131,15 @@ def test_conv_batchnorm_and_multihead_attention_shrink_and_replay(make, example)
         assert attn.embed_dim == attn.in_proj_weight.shape[1] and attn.embed_dim % attn.num_heads == 0
     else:
         assert model.features[1].num_features == model.features[0].out_channels == 8
+
+
+def test_the_meta_copy_that_checks_a_pruning_copies_no_weights_and_no_trainer():
+    from lightning_lowvram.cores.pruning import _meta_twin
+    from lightning_lowvram.demo import TinyGPT
+
+    module = TinyGPT(seq_len=16, d_model=32, n_head=4, n_layer=2)
+    module._trainer = object()  # what Lightning sets while a fit runs: the twin must not deep-copy it
+    twin = _meta_twin(module)
+    assert twin._trainer is None and module._trainer is not None
+    assert all(p.is_meta for p in twin.parameters()) and not any(p.is_meta for p in module.parameters())
+    assert [p.shape for p in twin.parameters()] == [p.shape for p in module.parameters()]
