@@ -77,6 +77,17 @@ class LiveTensorTracker(MemTracker):
         self._module_hook: Any = None
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
+    # A meta tensor holds no memory (a streamed block's weights between its forwards, a model built without weights):
+    # MemTracker would count its size on a "meta" device that no card has.
+    def _update_and_maybe_create_winfos(self, t: torch.Tensor, reftype: Any, update_existing: bool = False) -> Any:
+        if t.device.type == "meta":
+            return set()
+        return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
+
+    def _track(self, reftype: Any, t: torch.Tensor) -> None:
+        if t.device.type != "meta":
+            super()._track(reftype, t)
+
     def _module_pre_forward(self, module: nn.Module, args: Any) -> None:
         if _in_backward() or _HOST_DEPTH:  # recomputation under activation checkpointing: nothing new to categorise
             return

@@ -49,7 +49,7 @@ from lightning_lowvram.planner.cuda_rules import (
     cuda_rounding,
 )
 from lightning_lowvram.planner.sharding import Offload, Sharding, ShardSpec, fake_world, offloaded, shard, shard_spec
-from lightning_lowvram.planner.timing import StepWork, WorkCounter
+from lightning_lowvram.planner.timing import StepWork, Traffic, WorkCounter
 from lightning_lowvram.planner.tracing import (
     ScalarPlaceholders,
     has_meta_tensors,
@@ -86,6 +86,9 @@ class MemoryEstimate:
             copied to the host in forward and back in backward.
         traced_blocks: ``(low, high, count)`` when the step was traced with ``low`` and ``high`` of the model's
             ``count`` repeated blocks and extrapolated (:mod:`.blocks`); ``None``: the whole model was traced.
+        stage: ``"fit"`` (a training step) or the evaluation stage (:func:`~.evaluation.estimate_eval_memory`).
+        streamed: Bytes of weights streamed from host memory over PCIe per micro-batch (in ``host`` too).
+        resident_blocks: With streaming, the blocks kept on the card; ``None``: not streamed.
 
     """
 
@@ -101,6 +104,9 @@ class MemoryEstimate:
     host: int = 0
     offloaded_activations: int = 0  # of ``host``: checkpointed blocks' inputs kept in host memory (copied out and in)
     traced_blocks: tuple[int, int, int] | None = None  # (low, high, all): traced with low and high blocks, extrapolated
+    stage: str = "fit"
+    streamed: int = 0
+    resident_blocks: int | None = None
 
     def fits(self, budget: int, margin: float = 0.1) -> bool:
         """Whether the peak stays below ``budget`` with a ``margin`` (fraction of the budget) to spare."""
@@ -109,10 +115,12 @@ class MemoryEstimate:
     def step_time(self, gpu: str | GPUProfile, micro_batches: int = 1) -> float:
         """Predicted seconds of one optimizer step of ``micro_batches`` micro-batches on ``gpu``.
 
+        An evaluation estimate's: of one batch, streamed weights' copies included.
         The step-time model of :mod:`lightning_lowvram.planner.timing`.
         """
         assert self.work is not None
-        return self.work.seconds(gpu_profile(gpu), micro_batches)
+        traffic = Traffic(pcie=self.streamed) if self.streamed else None
+        return self.work.seconds(gpu_profile(gpu), micro_batches, traffic)
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.by_category.items() if v)
