@@ -9,6 +9,7 @@ from lightning_lowvram.callbacks import (
     LowBitBaseCallback,
     MemoryReportCallback,
     PruningCallback,
+    WeightStreamingCallback,
 )
 from lightning_lowvram.compose import plan_callbacks
 from lightning_lowvram.cores.batches import merge_outputs, split_batch
@@ -27,7 +28,15 @@ from lightning_lowvram.memory import (
     known_gpus,
     memory_budget,
 )
-from lightning_lowvram.planner import MemoryEstimate, Plan, estimate_step_memory, plan
+from lightning_lowvram.planner import (
+    EvalPlan,
+    MemoryEstimate,
+    Plan,
+    estimate_eval_memory,
+    estimate_step_memory,
+    plan,
+    plan_eval,
+)
 from lightning_lowvram.strategies import FSDP2Strategy
 
 __version__ = "0.1.0"
@@ -46,6 +55,10 @@ __all__ = [
     "MemoryReportCallback",
     "Plan",
     "PruningCallback",
+    "WeightStreamingCallback",
+    "EvalPlan",
+    "estimate_eval_memory",
+    "plan_eval",
     "MemoryStats",
     "format_bytes",
     "apply_chunked_cross_entropy",

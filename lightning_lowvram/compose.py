@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_lowvram.planner.eval_search import EvalPlan
 from lightning_lowvram.planner.search import Plan
 
 
@@ -23,3 +24,20 @@ def plan_callbacks(plan: Plan) -> list[Any]:
 
     """
     return [strategy.build(value) for strategy, value in plan.settings() if strategy.kind == "callback"]
+
+
+def eval_plan_callbacks(plan: EvalPlan) -> list[Any]:
+    """Callbacks of an evaluation plan's chosen setting (:func:`~lightning_lowvram.plan_eval`), in registry order.
+
+    Example:
+        >>> import torch
+        >>> from lightning_lowvram.demo import DigitsMLP
+        >>> from lightning_lowvram.planner import plan_eval
+        >>> eval_plan_callbacks(plan_eval(DigitsMLP(), (torch.zeros(8, 64), torch.zeros(8)), "rtx3060_12gb"))
+        []
+
+    """
+    from lightning_lowvram.registry import get
+
+    chosen = plan.chosen
+    return [get(name).load()(**args) for name, args in chosen.callbacks().items()] if chosen is not None else []

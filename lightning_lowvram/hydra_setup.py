@@ -150,6 +150,7 @@ def compose_strategies(
     *,
     instantiate: Callable[..., Any] | None = None,
     plan_only: bool = False,
+    stage: str = "fit",
 ) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """The one composition of a config's strategies: the CLI, :func:`lowvram_setup` and Python all come here.
 
@@ -165,6 +166,9 @@ def compose_strategies(
         instantiate: Builds a node: ``instantiate(node, key)`` (the CLI's names the key of a failing node); default
             Hydra's.
         plan_only: Plan without applying (``lowvram plan``): the plan is returned, not added.
+        stage: ``"fit"`` plans the training step; ``"validate"``, ``"test"``, ``"predict"`` the evaluation step
+            (:func:`~lightning_lowvram.plan_eval`: eval micro-batch, streaming, low-bit weights where allowed), and
+            ``batch`` is that stage's.
 
     Returns:
         ``(callbacks by key, Trainer kwargs, plan or None)``.
@@ -194,6 +198,8 @@ def compose_strategies(
     from lightning_lowvram.planner import plan
 
     options = {k: strategy.get(k, d) for k, d in auto_options().items()}
+    if stage != "fit":
+        return _compose_eval(cfg, profile, model, batch, stage, options, plan_only, callbacks, trainer_kwargs)
     offload = plan_only or torch.cuda.is_available()  # CPU offload runs on CUDA devices only
     chosen = plan(model, batch, profile, devices=planned_devices(cfg), allow_offload=offload, **options)
     if plan_only:
@@ -206,6 +212,25 @@ def compose_strategies(
 
 class NothingFitsError(ValueError):
     """``strategy=auto``: even the smallest setting exceeds the card (the message says what to try)."""
+
+
+def _compose_eval(
+    cfg: DictConfig, profile: GPUProfile, model: Any, batch: Any, stage: str, options: dict[str, Any],
+    plan_only: bool, callbacks: dict[str, Any], trainer_kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], Any]:  # fmt: skip
+    from lightning_lowvram.compose import eval_plan_callbacks
+    from lightning_lowvram.planner import plan_eval
+
+    precision = str(cfg.get("trainer", {}).get("precision", "32-true"))
+    allow = bool(options.get("allow_low_bit_base") or options.get("allow_int8_base"))
+    chosen = plan_eval(model, batch, profile, stage, precision=precision, margin=options["margin"],
+                       allow_low_bit_base=allow)  # type: ignore[arg-type]  # fmt: skip
+    if plan_only:
+        return callbacks, trainer_kwargs, chosen
+    if chosen.chosen is None:
+        raise NothingFitsError(f"strategy=auto on {profile.name}: no {stage} setting fits\n{chosen.table()}")
+    callbacks |= {f"strategy.{type(c).__name__}": c for c in eval_plan_callbacks(chosen)}
+    return callbacks, trainer_kwargs, chosen
 
 
 def lowvram_setup(cfg: DictConfig, model: L.LightningModule | None = None, batch: Any = None) -> LowVRAMSetup:

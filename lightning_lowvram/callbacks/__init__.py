@@ -8,6 +8,7 @@ from lightning_lowvram.callbacks.low_bit_base import LowBitBaseCallback
 from lightning_lowvram.callbacks.memory_report import MemoryReportCallback
 from lightning_lowvram.callbacks.optimizer_8bit import EightBitOptimizerCallback
 from lightning_lowvram.callbacks.pruning import PruningCallback
+from lightning_lowvram.callbacks.weight_streaming import WeightStreamingCallback
 
 __all__ = [
     "ActivationCheckpointingCallback",
@@ -18,4 +19,5 @@ __all__ = [
     "LowBitBaseCallback",
     "MemoryReportCallback",
     "PruningCallback",
+    "WeightStreamingCallback",
 ]

@@ -83,6 +83,13 @@ class WeightStreamingCallback(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._put_back(pl_module)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._put_back(pl_module)  # Lightning skips teardown after an error (an OOM): the weights come back anyway
+
+    def _put_back(self, pl_module: L.LightningModule) -> None:
         if self.streaming is not None:
             unstream_blocks(pl_module)
             self.streaming = None

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_lowvram._files import check_writable
 from lightning_lowvram.cli.checks import _check_batch, _check_requirements, _check_strategy_keys, _check_top_level
 from lightning_lowvram.cli.errors import ConfigError, NothingFits, _blame, _reason
+from lightning_lowvram.cli.evaluate import EVAL_COMMANDS, check_eval_model, eval_loader, restore_structure
 from lightning_lowvram.hydra_setup import (
     NodeError,
     NothingFitsError,
@@ -59,17 +60,30 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     model = _instantiate(cfg.model, "model")
     if not isinstance(model, L.LightningModule):
         raise ConfigError("model._target_", cfg.model._target_, f"a {type(model).__name__}, not a LightningModule")
-    if not is_overridden("training_step", model, L.LightningModule):
+    stage = stage_of(cfg)
+    if cfg.command in EVAL_COMMANDS:
+        check_eval_model(cfg, model)
+    elif not is_overridden("training_step", model, L.LightningModule):
         raise ConfigError("model._target_", cfg.model._target_, "has no training_step: `lowvram fit` cannot train it")
     data = _instantiate(cfg.data, "data")
-    batch = _first_batch(data) if isinstance(data, L.LightningDataModule) else None  # for the check and the plan
-    if batch is not None:
-        _check_batch(cfg, model, batch)
+    loader = None
+    if stage != "fit" and isinstance(data, L.LightningDataModule):
+        loader, source = eval_loader(cfg if cfg.command != "plan" else _with_command(cfg, stage), data)
+        if stage == "predict" and source != "predict_dataloader":
+            print(f"lowvram: predict on the data's {source} (it has no predict_dataloader)")
+        batch = next(iter(loader))
+    else:
+        batch = _first_batch(data) if isinstance(data, L.LightningDataModule) else None  # for the check and the plan
+        if batch is not None:
+            _check_batch(cfg, model, batch)
     _check_strategy_keys(cfg)
     if trainer_strategy_node(cfg) is not None and cfg.trainer.get("strategy") is not None:
         reason = f"strategy={cfg.strategy.name} sets the Trainer's strategy; drop trainer.strategy"
         raise ConfigError("trainer.strategy", cfg.trainer.strategy, reason)
-    callbacks, trainer_kwargs, chosen = _compose(cfg, model, batch, profile)
+    callbacks, trainer_kwargs, chosen = _compose(cfg, model, batch, profile, stage)
+    restored = restore_structure(cfg, model, callbacks) if cfg.command in EVAL_COMMANDS else []
+    if stage != "fit" and any(type(c).__name__ == "LowBitBaseCallback" for c in callbacks.values()):
+        model.requires_grad_(False)  # evaluation trains nothing: every Linear layer is the frozen base to store
     _check_requirements(cfg, model, callbacks)
     for callback in callbacks.values():
         if hasattr(callback, "print_table"):
@@ -105,6 +119,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "plan": chosen,
         "context": context,
         "timer": timer,
+        "stage": stage,
+        "eval_loader": loader,
+        "restored": restored,
     }
 
 
@@ -125,8 +142,20 @@ def _max_context(cfg: DictConfig, model: L.LightningModule, batch: Any, profile:
     ]
 
 
+def stage_of(cfg: DictConfig) -> str:
+    """The stage a command runs or plans: ``fit``, or ``validate``/``test``/``predict`` (``lowvram plan stage=...``)."""
+    return cfg.command if cfg.command in EVAL_COMMANDS else cfg.get("stage", "fit") if cfg.command == "plan" else "fit"
+
+
+def _with_command(cfg: DictConfig, command: str) -> DictConfig:
+    copied = cfg.copy()
+    with open_dict(copied):
+        copied.command = command
+    return copied
+
+
 def _compose(
-    cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile
+    cfg: DictConfig, model: L.LightningModule, batch: Any, profile: GPUProfile, stage: str = "fit"
 ) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """``hydra_setup.compose_strategies`` (the one composition path), its errors as one line naming the key."""
     planning = cfg.command == "plan" or (cfg.strategy.get("name") == "auto" and profile.usable_bytes is not None)
@@ -140,7 +169,9 @@ def _compose(
     except ValueError as err:
         raise ConfigError("trainer.devices", cfg.trainer.get("devices"), str(err).split(": ", 1)[1]) from err
     try:
-        return compose_strategies(cfg, profile, model, batch, instantiate=_instantiate, plan_only=cfg.command == "plan")
+        return compose_strategies(
+            cfg, profile, model, batch, instantiate=_instantiate, plan_only=cfg.command == "plan", stage=stage
+        )
     except ConfigError:
         raise
     except NodeError as err:

@@ -14,7 +14,8 @@ from lightning_lowvram.hydra_setup import (
     auto_options,
 )
 
-COMMANDS = ("fit", "plan")
+COMMANDS = ("fit", "plan", "validate", "test", "predict")
+STAGES = ("fit", "validate", "test", "predict")
 
 
 def _check_top_level(cfg: DictConfig) -> None:
@@ -23,6 +24,10 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError("command", cfg.command, f"unknown; allowed: {', '.join(COMMANDS)}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError("seed", cfg.seed, "must be an integer")
+    if cfg.get("stage", "fit") not in STAGES:
+        raise ConfigError("stage", cfg.get("stage"), f"unknown; allowed: {', '.join(STAGES)}")
+    if cfg.get("stage", "fit") != "fit" and cfg.command != "plan":
+        raise ConfigError("stage", cfg.stage, f"is for `lowvram plan`; run the stage itself: `lowvram {cfg.stage}`")
     for key in ("emulate_gpu", "test_after_fit", "max_context", "summary_json"):
         if not isinstance(cfg.get(key), bool):
             raise ConfigError(key, cfg.get(key), "must be true or false")

@@ -41,26 +41,31 @@ def _gpu_memory(profile: GPUProfile, trainer: L.Trainer, emulate: bool) -> Itera
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run ``cfg.command`` (``fit`` or ``plan``) and return the summary as a dict (also printed)."""
+    """Run ``cfg.command`` (fit, plan, validate, test, predict); return the summary as a dict (also printed)."""
     parts = build(cfg)
     if cfg.command == "plan":
         for line in parts["context"] or []:
             print(line)
         return {**_print_plan(parts["plan"]), "max_context": parts["context"]}
     trainer, data = parts["trainer"], parts["data"]
-    if isinstance(data, L.LightningDataModule):
+    if isinstance(data, L.LightningDataModule) and cfg.command == "fit":
         # datasets live in host memory: build them before an emulated device budget starts counting
         data.prepare_data()
         data.setup("fit")
+    evaluated: dict[str, Any] = {}
     with _gpu_memory(parts["profile"], trainer, cfg.emulate_gpu) as gpu_line:
-        oom = _fit(cfg, parts, gpu_line)
+        if cfg.command == "fit":
+            oom = _fit(cfg, parts, gpu_line)
+        else:
+            oom, evaluated = _evaluate(cfg, parts, gpu_line)
         metrics = _metrics(trainer) if oom is None else {}
-        if oom is None and cfg.test_after_fit and _can_test(parts["model"], data) and not trainer.interrupted:
+        testing = cfg.command == "fit" and cfg.test_after_fit and _can_test(parts["model"], data)
+        if oom is None and testing and not trainer.interrupted:
             trainer.test(parts["model"], datamodule=data, verbose=False)  # the summary has the metrics
             metrics.update(_metrics(trainer))
     if oom is not None:  # advice from the planner, outside the budget
-        raise NothingFits(_advice(parts, oom)) from oom
-    summary = _summary(cfg, parts, gpu_line, metrics)
+        raise NothingFits(_advice(parts, oom) if cfg.command == "fit" else _eval_advice(parts, oom)) from oom
+    summary = {**_summary(cfg, parts, gpu_line, metrics), **evaluated}
     if trainer.is_global_zero:  # one summary for a run on several processes (rank 0's metrics and memory)
         print(format_summary(summary))
         if cfg.get("summary_json", True):
@@ -87,6 +92,31 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], gpu_line: str) -> torch.OutOfMe
             print(_resume_line(trainer))
         raise
     return None
+
+
+def _evaluate(
+    cfg: DictConfig, parts: dict[str, Any], gpu_line: str
+) -> tuple[torch.OutOfMemoryError | None, dict[str, Any]]:
+    """The evaluation stage (:mod:`.evaluate`): its OOM under the budget is returned, for the advice."""
+    from lightning_lowvram.cli.evaluate import evaluate
+
+    try:
+        return None, evaluate(cfg, parts)
+    except torch.OutOfMemoryError as err:
+        if "budget" not in gpu_line:
+            raise
+        return err, {}
+
+
+def _eval_advice(parts: dict[str, Any], err: BaseException) -> str:
+    profile: GPUProfile = parts["profile"]
+    stage = parts["stage"]
+    return (
+        f"out of memory on {profile.name} (budget {format_bytes(profile.usable_bytes)} for tensors) in {stage}: "
+        + str(err).splitlines()[0]
+        + f". Try next: strategy=auto (the planner streams weights, splits the batch), `lowvram plan stage={stage}` "
+        "to see what fits, or a larger card."
+    )
 
 
 def _metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -133,6 +163,12 @@ def _advice(parts: dict[str, Any], err: BaseException) -> str:
 def _print_plan(chosen: Any) -> dict[str, Any]:
     from lightning_lowvram.planner.chart import chart
 
+    if not hasattr(chosen, "settings"):  # an evaluation plan: a table, no chart
+        print(chosen.table())
+        if chosen.chosen is not None:
+            print(f"  apply it: lowvram {chosen.stage} strategy=auto gpu={chosen.gpu.name} , or these overrides: "
+                  + (" ".join(chosen.overrides()) or "none"))  # fmt: skip
+        return {"plan": chosen, "chart": None}
     path = chart(chosen, os.path.join(_run_dir(), "plan.png"))
     print(chosen.table())
     if chosen.chosen is not None:
@@ -176,6 +212,7 @@ def _summary(cfg: DictConfig, parts: dict[str, Any], gpu_line: str, metrics: dic
         strategy_lines.insert(0, f"FSDP2Strategy ({trainer.world_size} rank(s){reshard}{offload})")
     elif trainer.world_size > 1:  # DDP and the like: the state is not sharded
         strategy_lines.insert(0, f"{type(trainer.strategy).__name__} ({trainer.world_size} ranks)")
+    strategy_lines += [f"restored: {line}" for line in parts.get("restored", [])]
     reports = next((c.reports for c in parts["callbacks"].values() if isinstance(c, MemoryReportCallback)), {})
     return {
         **_before_after(parts, reports),
@@ -202,6 +239,16 @@ def _before_after(parts: dict[str, Any], reports: dict[str, Any]) -> dict[str, A
     chosen, trainer, timer = parts.get("plan"), parts["trainer"], parts.get("timer")
     if chosen is None or chosen.chosen is None:
         return {}
+    if parts.get("stage", "fit") != "fit":  # an evaluation plan (planner.eval_search)
+        plain, picked, done = chosen.candidates[0], chosen.chosen, reports.get(parts["stage"])
+        return {
+            "budget": chosen.budget,
+            "before": {"setting": plain.label, "predicted_peak": plain.tensor_peak, "fits": plain.fits,
+                       "predicted_step_s": plain.seconds},
+            "after": {"setting": picked.label, "predicted_peak": picked.tensor_peak,
+                      "measured_peak": done.total if done else None, "predicted_step_s": picked.seconds,
+                      "measured_step_s": None},
+        }  # fmt: skip
     plain, picked = chosen.candidates[0], chosen.chosen
     steps = trainer.global_step
     seconds = timer.time_elapsed("train") / steps if timer is not None and steps else None
@@ -218,6 +265,7 @@ def _before_after(parts: dict[str, Any], reports: dict[str, Any]) -> dict[str, A
 
 def _plan_lines(summary: dict[str, Any], card: str) -> list[str]:
     before, after = summary["before"], summary["after"]
+    unit = "s/batch" if "seconds" in summary else "s/step"
     fits = "fits" if before["fits"] else "does not fit"
     measured = after["measured_peak"]
     here = f", measured {format_bytes(measured)} in this run" if measured is not None else ""
@@ -226,9 +274,9 @@ def _plan_lines(summary: dict[str, Any], card: str) -> list[str]:
     budget = format_bytes(summary["budget"])
     return [
         f"  before           {before['setting']}: predicted {format_bytes(before['predicted_peak'])} against "
-        f"{budget} (the budget less the plan's margin): {fits}; {before['predicted_step_s']:.4f} s/step on {card}",
+        f"{budget} (the budget less the plan's margin): {fits}; {before['predicted_step_s']:.4f} {unit} on {card}",
         f"  after            {after['setting']}: predicted {format_bytes(after['predicted_peak'])}{here}; "
-        f"{after['predicted_step_s']:.4f} s/step predicted{step_here}",
+        f"{after['predicted_step_s']:.4f} {unit} predicted{step_here}",
     ]
 
 
@@ -246,11 +294,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         "lowvram summary",
         f"  model            {summary['model']} ({summary['parameters']:,} parameters)",
         f"  gpu              {summary['gpu']}",
-        f"  effective batch  {summary['effective_batch']} = {summary['effective_batch_formula']}",
+        f"  effective batch  {summary['effective_batch']} = {summary['effective_batch_formula']}"
+        if "seconds" not in summary
+        else f"  batch            {summary['effective_batch']} per batch (the data's batch_size)",
         f"  strategies       {', '.join(summary['strategies'])}",
         *(_plan_lines(summary, summary["gpu"].split(":")[0]) if "before" in summary else []),
         "  metrics          " + ", ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items()),
     ]
+    if "seconds" in summary:
+        batches, seconds = summary["batches"], summary["seconds"]
+        per = f" ({seconds / batches:.3f} s/batch on this machine)" if batches else ""
+        lines.append(f"  time             {batches} batches in {seconds:.2f} s{per}")
+    if summary.get("predictions"):
+        lines.append(f"  predictions      {summary['predictions']} (torch.load(path, weights_only=True))")
     for detail in summary.get("details", []):
         lines += ["  " + line for line in detail.splitlines()]
     if summary["memory"]:
@@ -258,8 +314,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += ["    " + line for line in memory_table(summary["memory"]).splitlines()]
     if summary.get("run_dir"):
         lines.append(f"  run directory    {summary['run_dir']}")
-        checkpoints = summary.get("checkpoints") or ["none (trainer.enable_checkpointing=false)"]
-        lines += [f"  checkpoint       {path}" for path in checkpoints]
+        if "seconds" in summary:  # an evaluation: the weights it ran
+            lines.append(f"  weights          {summary.get('weights') or 'as the model was built (no ckpt_path)'}")
+        else:
+            checkpoints = summary.get("checkpoints") or ["none (trainer.enable_checkpointing=false)"]
+            lines += [f"  checkpoint       {path}" for path in checkpoints]
     return "\n".join(lines)
 
 
@@ -281,6 +340,11 @@ _NOISY_WARNINGS = (
     r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint",
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # validate/test/predict from a `lowvram fit` checkpoint: the fit's Timer and checkpoint callbacks are not needed
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided during "
+    r"`Trainer` instantiation. Please add the following callbacks: \[('(Timer|ModelCheckpoint|OnExceptionCheckpoint)"
+    r"'(, )?)+\]",
+    r"The dirpath has changed from",
 )
 
 

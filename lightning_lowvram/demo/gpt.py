@@ -209,5 +209,9 @@ class TinyGPT(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.log("test/loss", self._loss(batch))
 
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """The most likely next byte at every position."""
+        return self(batch[0]).argmax(dim=-1)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=self.hparams.lr)

@@ -6,6 +6,11 @@ them.
 """
 
 from lightning_lowvram.planner.estimate import MemoryEstimate, estimate_step_memory
+from lightning_lowvram.planner.eval_search import EvalCandidate, EvalPlan, plan_eval
+from lightning_lowvram.planner.evaluation import estimate_eval_memory
 from lightning_lowvram.planner.search import Candidate, Plan, plan
 
-__all__ = ["Candidate", "MemoryEstimate", "Plan", "estimate_step_memory", "plan"]
+__all__ = [
+    "Candidate", "EvalCandidate", "EvalPlan", "MemoryEstimate", "Plan", "estimate_eval_memory", "estimate_step_memory",
+    "plan", "plan_eval",
+]  # fmt: skip

@@ -128,7 +128,7 @@ def estimate_eval_memory(
     )  # fmt: skip
     bits = (strategies or {}).get("low_bit_base", 0)
     if bits:
-        estimate = _low_bit(estimate, module, bits)
+        estimate = with_low_bit(estimate, module, bits)
     if resident_blocks is not None:
         estimate = with_resident(estimate, module, resident_blocks, precision)
     return estimate
@@ -171,7 +171,11 @@ def _block_bytes(module: nn.Module, names: list[str], size: int) -> list[int]:
     return [sum(p.numel() * (size or p.element_size()) for p in module.get_submodule(n).parameters()) for n in names]
 
 
-def _low_bit(estimate: MemoryEstimate, module: nn.Module, bits: int) -> MemoryEstimate:
+def with_low_bit(estimate: MemoryEstimate, module: nn.Module, bits: int) -> MemoryEstimate:
+    """``estimate`` with every Linear layer's weight in ``bits`` bits (``LowBitBaseCallback`` on the frozen model).
+
+    Its saving, less the largest layer's dequantization held while it runs (``low_bit_base.low_bit_saving``).
+    """
     from lightning_lowvram.cores.low_bit_base import low_bit_saving
 
     with _frozen(module):
@@ -258,7 +262,8 @@ def _streamed_copy(copied: nn.Module) -> None:
 
         def onload(module: nn.Module, args: Any, entries: list[Any] = entries) -> None:
             for owner, key, host in entries:
-                owner._parameters[key] = nn.Parameter(host.detach().clone(), requires_grad=False)
+                # the copy's bytes without a kernel: on the card it is a host-to-card copy, priced as PCIe traffic
+                owner._parameters[key] = nn.Parameter(torch.empty_like(host), requires_grad=False)
 
         def offload(module: nn.Module, args: Any, out: Any, entries: Any = entries, held: Any = placeholders) -> None:
             for (owner, key, _), placeholder in zip(entries, held, strict=True):

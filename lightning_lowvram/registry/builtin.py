@@ -89,6 +89,17 @@ class DynamicQuantConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightStreamingConfig:
+    """``WeightStreamingCallback``'s arguments."""
+
+    resident_blocks: int = 0
+    blocks: list[str] | None = None
+    stages: list[Literal["validate", "test", "predict"]] = dataclasses.field(
+        default_factory=lambda: ["validate", "test", "predict"]
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryReportConfig:
     """``MemoryReportCallback``'s arguments."""
 
@@ -263,6 +274,12 @@ PRUNING = register(Strategy(
 DYNAMIC_QUANT = register(Strategy(
     name="dynamic_quant", target="lightning_lowvram.callbacks.dynamic_quant.DynamicQuantCallback",
     config=DynamicQuantConfig, summary="int8 Linear layers for evaluation stages, compared with the float model",
+))  # fmt: skip
+WEIGHT_STREAMING = register(Strategy(
+    name="weight_streaming", target="lightning_lowvram.callbacks.weight_streaming.WeightStreamingCallback",
+    config=WeightStreamingConfig,
+    summary="evaluation: repeated blocks' weights in host memory, each brought to the card for its forward",
+    label=lambda value: f"streamed, {value} blocks resident", arguments=lambda value: {"resident_blocks": value},
 ))  # fmt: skip
 MEMORY_REPORT = register(Strategy(
     name="memory_report", target="lightning_lowvram.callbacks.memory_report.MemoryReportCallback",
