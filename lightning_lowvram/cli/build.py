@@ -81,9 +81,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         reason = f"strategy={cfg.strategy.name} sets the Trainer's strategy; drop trainer.strategy"
         raise ConfigError("trainer.strategy", cfg.trainer.strategy, reason)
     callbacks, trainer_kwargs, chosen = _compose(cfg, model, batch, profile, stage)
-    restored = restore_structure(cfg, model, callbacks) if cfg.command in EVAL_COMMANDS else []
     if stage != "fit" and any(type(c).__name__ == "LowBitBaseCallback" for c in callbacks.values()):
         model.requires_grad_(False)  # evaluation trains nothing: every Linear layer is the frozen base to store
+    restored = restore_structure(cfg, model, callbacks) if cfg.command in EVAL_COMMANDS else []
     _check_requirements(cfg, model, callbacks)
     for callback in callbacks.values():
         if hasattr(callback, "print_table"):

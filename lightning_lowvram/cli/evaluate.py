@@ -95,7 +95,7 @@ def restore_structure(cfg: DictConfig, model: L.LightningModule, callbacks: dict
 
     bits = next((s["bits"] for k, s in states.items() if str(k).startswith("LowBitBaseCallback")), None)
     if bits is not None and not any(isinstance(c, LowBitBaseCallback) for c in callbacks.values()):
-        callbacks["checkpoint.LowBitBaseCallback"] = LowBitBaseCallback(bits=bits)
+        callbacks["strategy.LowBitBaseCallback"] = LowBitBaseCallback(bits=bits)
         done.append(f"{bits}-bit base from the checkpoint")
     return done
 
