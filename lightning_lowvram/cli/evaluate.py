@@ -43,9 +43,9 @@ def check_eval_model(cfg: DictConfig, model: L.LightningModule) -> None:
         raise ConfigError("model._target_", cfg.model._target_, f"has no {step}: `lowvram {stage}` cannot run it")
     if stage == "predict" and cfg.get("ckpt_path") is None and _random_init(cfg.model):
         raise ConfigError(
-            "ckpt_path", None, f"`lowvram predict` with model={cfg.model._target_} (random init) needs trained weights: "
-            "ckpt_path=<a .ckpt from lowvram fit> (or last), or a model with its weights (model=hf_causal_lm "
-            "model.name=<pretrained>, or model._target_=yours)",
+            "ckpt_path", None, f"`lowvram predict` with model={cfg.model._target_} (random init) needs trained "
+            "weights: ckpt_path=<a .ckpt from lowvram fit> (or last), or a model with its weights "
+            "(model=hf_causal_lm model.name=<pretrained>, or model._target_=yours)",
         )  # fmt: skip
 
 
