@@ -32,15 +32,18 @@ PAGES = {
     "pruning": "strategies/pruning.md",
     "dynamic_quant": "strategies/int8-evaluation.md",
     "memory_report": "python-api.md",
+    "weight_streaming": "strategies/weight-streaming.md",
 }
 TOP_KEYS = {
-    "command": "the first word on the command line: `fit` or `plan`",
+    "command": "the first word on the command line: `fit`, `plan`, `validate`, `test` or `predict`",
+    "stage": "what `lowvram plan` plans: `fit`, or an evaluation stage (`lowvram plan stage=predict gpu=...`)",
     "seed": "`L.seed_everything(seed)` before the model is built",
     "test_after_fit": "run `trainer.test` after `fit` when the model has a `test_step` and the data a test loader",
     "summary_json": "also write the summary as `summary.json` in the run directory (for scripts)",
     "emulate_gpu": "emulate the chosen card's memory on the local device (a CPU budget that raises the real "
     "`torch.OutOfMemoryError`, or a capped CUDA allocator); `false` ignores its size",
-    "ckpt_path": "resume: a checkpoint file, or `last` (Lightning's `ckpt_path`)",
+    "ckpt_path": "resume: a checkpoint file, or `last` (Lightning's `ckpt_path`); for validate/test/predict, the "
+    "weights to run (pruned and low-bit checkpoints of `lowvram fit` included)",
     "max_context": "`lowvram plan max_context=true`: also the longest sequence and the largest batch that fit the card",
 }
 

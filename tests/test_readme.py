@@ -55,7 +55,8 @@ def test_readme_command_runs_as_written(command, tmp_path, monkeypatch, capsys):
         gpu = next(a.split("=", 1)[1] for a in args if a.startswith("gpu="))
         devices = next((int(a.split("=", 1)[1]) for a in args if a.startswith("trainer.devices=")), 1)
         cards = f"{devices} x {gpu}, per rank" if devices > 1 else gpu
-        assert f"plan for {cards}:" in out and "chart:" in out, out[-3000:]
+        assert f"plan for {cards}:" in out, out[-3000:]
+        assert "chart:" in out or any(a.startswith("stage=") for a in args), out[-3000:]  # an eval plan: no chart
     else:
         assert "lowvram summary" in out
     if "gpu.free_gib=0.003" in args:  # "a shared card with 3 MB free: settles on micro-batch 256"

@@ -101,7 +101,7 @@ class EvalPlan:
 
     def table(self) -> str:
         """The candidates as a table: tensor peak, host bytes, predicted s per batch, fits, the chosen one marked."""
-        head = f"{self.stage} plan for {self.gpu.name} (budget {format_bytes(self.budget)} for tensors), batch "
+        head = f"{self.stage} plan for {self.gpu.name}: budget {format_bytes(self.budget)} for tensors, batch "
         lines = [head + f"{self.batch_size}; times are predictions of the step-time model", ""]
         lines.append(f"  {'setting':54} {'peak':>11} {'host':>11} {'s/batch':>9}  fits")
         for c in self.candidates:

@@ -75,7 +75,7 @@ def test_plan_for_an_evaluation_stage(tmp_path, capsys):
     summary = run(_cfg("command=plan", "stage=predict", *BIG, f"trainer.default_root_dir={tmp_path}"))
     assert summary["plan"].chosen.resident_blocks is not None
     out = capsys.readouterr().out
-    assert "predict plan for demo_slice" in out and "apply it: lowvram predict strategy=auto" in out
+    assert "predict plan for demo_slice: budget 64.00 MiB" in out and "apply it: lowvram predict strategy=auto" in out
     assert "callbacks.lowvram_weight_streaming.resident_blocks=" in out
 
 
