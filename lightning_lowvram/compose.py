@@ -33,7 +33,7 @@ def eval_plan_callbacks(plan: EvalPlan) -> list[Any]:
         >>> import torch
         >>> from lightning_lowvram.demo import DigitsMLP
         >>> from lightning_lowvram.planner import plan_eval
-        >>> eval_plan_callbacks(plan_eval(DigitsMLP(), (torch.zeros(8, 64), torch.zeros(8)), "rtx3060_12gb"))
+        >>> eval_plan_callbacks(plan_eval(DigitsMLP(), (torch.zeros(8, 64), torch.zeros(8).long()), "rtx3060_12gb"))
         []
 
     """

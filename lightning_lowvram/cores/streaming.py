@@ -108,6 +108,22 @@ def streamable_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> 
     return names
 
 
+def check_streamable(model: nn.Module, resident: int = 0, blocks: Sequence[str] | None = None) -> list[str]:
+    """The blocks to stream, after checking ``resident`` against them (what :func:`stream_blocks` checks first).
+
+    Raises:
+        ValueError: ``resident`` out of range (naming the model's block count), or no blocks to stream.
+
+    """
+    names = streamable_blocks(model, blocks)
+    if isinstance(resident, bool) or not isinstance(resident, int) or not 0 <= resident <= len(names):
+        raise ValueError(
+            f"resident_blocks={resident!r}: {type(model).__name__} has {len(names)} blocks to stream "
+            f"({names[0]} ... {names[-1]}); allowed 0 to {len(names)}"
+        )
+    return names
+
+
 def stream_blocks(
     model: nn.Module,
     device: str | torch.device,
@@ -131,12 +147,7 @@ def stream_blocks(
     """
     if any(_hook_of(m) is not None for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is streamed already: unstream_blocks(model) first")
-    names = streamable_blocks(model, blocks)
-    if isinstance(resident, bool) or not isinstance(resident, int) or not 0 <= resident <= len(names):
-        raise ValueError(
-            f"resident_blocks={resident!r}: {type(model).__name__} has {len(names)} blocks to stream "
-            f"({names[0]} ... {names[-1]}); allowed 0 to {len(names)}"
-        )
+    names = check_streamable(model, resident, blocks)
     device = torch.device(device)
     cuda = device.type == "cuda"
     modules = dict(model.named_modules())

@@ -6,7 +6,9 @@ in the micro-batch size (as the training planner extrapolates them), a resident-
 to the streamed trace (:func:`.evaluation.with_resident`), a low-bit base is modelled. Each setting is priced by the
 step-time model for one batch (its micro-batches, and every streamed block's weights over PCIe once per
 micro-batch at the profile's ``pcie_gbs``); the fastest that fits wins, ties going to the setting that changes least
-(streaming changes nothing in the numbers, int8/NF4 weights change them and are tried only when allowed).
+(streaming changes nothing in the numbers, int8/NF4 weights change them and are tried only when allowed). The time
+model does not charge a low-bit layer's dequantization (it prices the float matmul): with low-bit weights allowed, they
+win over streaming by time whenever both fit, which errs fast for them.
 
 Streaming and a low-bit base are alternatives here, not combined: one streamed block's low-bit weights would need the
 low-bit tensors moved by accelerate's hooks, which nothing has tested.

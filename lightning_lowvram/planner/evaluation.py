@@ -146,14 +146,9 @@ def with_resident(
         ValueError: ``resident`` out of range (naming the model's block count).
 
     """
-    from lightning_lowvram.cores.streaming import streamable_blocks
+    from lightning_lowvram.cores.streaming import check_streamable
 
-    per_block = _block_bytes(module, streamable_blocks(module), 2 if precision == "bf16-true" else 0)
-    if isinstance(resident, bool) or not isinstance(resident, int) or not 0 <= resident <= len(per_block):
-        raise ValueError(
-            f"resident_blocks={resident!r}: {type(module).__name__} has {len(per_block)} blocks to stream; allowed 0 "
-            f"to {len(per_block)}"
-        )
+    per_block = _block_bytes(module, check_streamable(module, resident), 2 if precision == "bf16-true" else 0)
     kept = sum(per_block[:resident])
     left = per_block[resident:]
     # CUDA: the next block's copy (the prefetch) is on the card beside the current one's

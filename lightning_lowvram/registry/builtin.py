@@ -213,6 +213,12 @@ def _causal_lm(model: Any, callback: Any) -> None:
     require_chunkable(model)
 
 
+def _streamable(model: Any, callback: Any) -> None:
+    from lightning_lowvram.cores.streaming import check_streamable
+
+    check_streamable(model, callback.resident_blocks, callback.blocks)
+
+
 def _fsdp2_arguments(value: Any) -> dict[str, Any]:
     sharding, offload = value
     return {"reshard_after_forward": sharding == "full", "cpu_offload": offload != "none"}
@@ -280,6 +286,7 @@ WEIGHT_STREAMING = register(Strategy(
     config=WeightStreamingConfig,
     summary="evaluation: repeated blocks' weights in host memory, each brought to the card for its forward",
     label=lambda value: f"streamed, {value} blocks resident", arguments=lambda value: {"resident_blocks": value},
+    requires=_streamable,
 ))  # fmt: skip
 MEMORY_REPORT = register(Strategy(
     name="memory_report", target="lightning_lowvram.callbacks.memory_report.MemoryReportCallback",

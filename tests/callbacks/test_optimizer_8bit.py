@@ -71,7 +71,10 @@ def test_metered_and_emulated_steps_run_uncompiled_with_the_same_weights_and_say
         with memory_budget(2**30) if watched else contextlib.nullcontext():
             trainer.fit(model, datamodule=DigitsDataModule())
         weights.append(model.net[0].weight.detach().clone())
-    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)  # eager = compiled, to rounding
+    # eager = compiled, to rounding: a float rounding difference can flip one 8-bit code of the state (one step of its
+    # quantization grid, seen as 3e-4 on 1 weight of 32768 with torchao's compiled update), never more
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-3)
+    assert (weights[1] - weights[0]).abs().gt(1e-6).float().mean() < 1e-3
     # the metered peak holds the state and, during the eager update, a parameter's float32 moments being rewritten
     assert callbacks[1].reports["fit"]["optimizer"] >= _state_bytes(trainer)
     assert any("8-bit optimizer: its steps run uncompiled" in r.getMessage() for r in caplog.records)

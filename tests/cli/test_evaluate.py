@@ -61,6 +61,13 @@ def test_pruned_and_low_bit_checkpoints_load(tmp_path):
     assert any(s.startswith("LowBitBaseCallback") for s in summary["strategies"])
 
 
+def test_int8_or_nf4_weights_where_the_user_allows_changed_numerics(tmp_path):
+    summary = _eval("validate", tmp_path, *BIG, "strategy=auto", "strategy.allow_low_bit_base=true", model=[])
+    assert "weights" in summary["after"]["setting"]  # NF4 or int8: faster than streaming, by the time model
+    assert any(s.startswith("LowBitBaseCallback") for s in summary["strategies"])
+    assert summary["memory"]["validate"].total <= 64 * 2**20  # demo_slice's budget, nothing streamed
+
+
 def test_strategy_auto_streams_a_model_bigger_than_the_card(tmp_path):
     summary = _eval("validate", tmp_path, *BIG, "strategy=auto", model=[])
     assert "WeightStreamingCallback" in summary["strategies"]
@@ -101,8 +108,13 @@ def test_plan_for_an_evaluation_stage(tmp_path, capsys):
             ],
             r"resident_blocks=99: TinyGPT has 2 blocks to stream",
         ),
+        (
+            ["command=validate", "model=digits_mlp", "data=digits", "callbacks=[lowvram_weight_streaming]"],
+            r"DigitsMLP has no repeated blocks .* to stream one at a time; name the modules to stream with blocks=",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_any_step(overrides, message, tmp_path):
-    with pytest.raises((ConfigError, ValueError), match=message):
-        run(_cfg(*GPT, f"trainer.default_root_dir={tmp_path}", *overrides))
+    base = ["trainer.logger=false"] if any(o.startswith("model=") for o in overrides) else GPT
+    with pytest.raises(ConfigError, match=message):
+        run(_cfg(*base, f"trainer.default_root_dir={tmp_path}", *overrides))

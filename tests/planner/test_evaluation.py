@@ -106,7 +106,8 @@ def test_bad_input_is_one_line():
         estimate_eval_memory(mlp, digits, "fit")
     with pytest.raises(ValueError, match="DigitsMLP has no repeated blocks"):
         estimate_eval_memory(mlp, digits, resident_blocks=0)
-    with pytest.raises(ValueError, match=r"resident_blocks=3: TinyGPT has 2 blocks to stream; allowed 0 to 2"):
+    message = r"resident_blocks=3: TinyGPT has 2 blocks to stream \(blocks.0 ... blocks.1\); allowed 0 to 2"
+    with pytest.raises(ValueError, match=message):
         estimate_eval_memory(TinyGPT(n_layer=2), (torch.zeros(2, 8, dtype=torch.long),) * 2, resident_blocks=3)
     with pytest.raises(ValueError, match="the example batch does not fit DigitsMLP.validation_step"):
         estimate_eval_memory(mlp, (torch.zeros(8, 10), torch.zeros(8, dtype=torch.long)))
