@@ -625,15 +625,23 @@ def _backward(loss: torch.Tensor) -> None:
     run((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
 
-def _loss(module: nn.Module, batch: Any) -> torch.Tensor:
+def call_step(module: nn.Module, step: str, batch: Any) -> Any:
+    """``module.<step>(batch, 0)``, shared by the training and the evaluation estimates.
+
+    A batch the step rejects is one ``ValueError`` naming the step; untraceable ops pass through (the measured run).
+    """
     try:
-        output = module.training_step(batch, 0)
+        return getattr(module, step)(batch, 0)
     except _UNTRACEABLE:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as err:
         raise ValueError(
-            f"the example batch does not fit {type(module).__name__}.training_step: {str(err).splitlines()[0]}"
+            f"the example batch does not fit {type(module).__name__}.{step}: {str(err).splitlines()[0]}"
         ) from err
+
+
+def _loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    output = call_step(module, "training_step", batch)
     loss = output["loss"] if isinstance(output, dict) else output
     if not isinstance(loss, torch.Tensor):
         raise ValueError(f"{type(module).__name__}.training_step must return a loss tensor to estimate a step")

@@ -42,6 +42,7 @@ from lightning_lowvram.planner.estimate import (
     _detached_copy,
     _target,
     _trace_rules,
+    call_step,
     to_dtype,
 )
 from lightning_lowvram.planner.timing import StepWork, WorkCounter
@@ -295,13 +296,6 @@ def _run(
         for context in _trace_rules(mode, capability, masks):
             rules.enter_context(context)
         with MemoryMeter(copied) as meter, workspaces, counter, torch.inference_mode(), _autocast(precision):
-            try:
-                output = getattr(copied, step)(inputs, 0)
-            except _UNTRACEABLE:
-                raise
-            except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as err:
-                raise ValueError(
-                    f"the example batch does not fit {type(module).__name__}.{step}: {str(err).splitlines()[0]}"
-                ) from err
+            output = call_step(copied, step, inputs)
             del output  # alive until here: the loop holds a step's output until the next step
     return meter.peak, StepWork(counter.take(), ())
