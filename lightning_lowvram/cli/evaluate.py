@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
 
+from lightning_lowvram.cli.checks import _ckpt_path
 from lightning_lowvram.cli.errors import ConfigError
 
 EVAL_COMMANDS = ("validate", "test", "predict")
@@ -78,7 +79,7 @@ def eval_loader(cfg: DictConfig, data: Any) -> tuple[Any, str]:
 
 def restore_structure(cfg: DictConfig, model: L.LightningModule, callbacks: dict[str, Any]) -> list[str]:
     """Give ``model`` the checkpoint's pruned shapes and its low-bit base's callback; return what was done, in words."""
-    path = _ckpt(cfg)
+    path = _ckpt_path(cfg)
     if path is None:
         return []
     from lightning.fabric.utilities.cloud_io import _load
@@ -100,12 +101,6 @@ def restore_structure(cfg: DictConfig, model: L.LightningModule, callbacks: dict
     return done
 
 
-def _ckpt(cfg: DictConfig) -> str | None:
-    from lightning_lowvram.cli.checks import _ckpt_path
-
-    return _ckpt_path(cfg)
-
-
 def evaluate(cfg: DictConfig, parts: dict[str, Any]) -> dict[str, Any]:
     """Run the stage; return the metrics, the predictions' path, the batches and the seconds it took."""
     trainer: L.Trainer = parts["trainer"]
@@ -113,13 +108,13 @@ def evaluate(cfg: DictConfig, parts: dict[str, Any]) -> dict[str, Any]:
     loader = parts["eval_loader"]
     start = time.perf_counter()
     if stage == "predict":
-        predictions = trainer.predict(parts["model"], dataloaders=loader, ckpt_path=_ckpt(cfg))
+        predictions = trainer.predict(parts["model"], dataloaders=loader, ckpt_path=_ckpt_path(cfg))
         batches = len(predictions or [])
     else:
-        getattr(trainer, stage)(parts["model"], dataloaders=loader, ckpt_path=_ckpt(cfg), verbose=False)
+        getattr(trainer, stage)(parts["model"], dataloaders=loader, ckpt_path=_ckpt_path(cfg), verbose=False)
         batches = int(sum(trainer.num_val_batches if stage == "validate" else trainer.num_test_batches))
     seconds = time.perf_counter() - start
-    out: dict[str, Any] = {"seconds": seconds, "batches": batches, "weights": _ckpt(cfg)}
+    out: dict[str, Any] = {"seconds": seconds, "batches": batches, "weights": _ckpt_path(cfg)}
     if stage == "predict" and trainer.is_global_zero:
         path = Path(trainer.default_root_dir) / "predictions.pt"
         path.parent.mkdir(parents=True, exist_ok=True)

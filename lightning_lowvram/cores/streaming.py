@@ -145,16 +145,12 @@ def stream_blocks(
         ValueError: ``resident`` out of range, no blocks to stream, or the model is streamed already.
 
     """
-    if any(_hook_of(m) is not None for m in model.modules()):
+    if is_streamed(model):
         raise ValueError(f"{type(model).__name__} is streamed already: unstream_blocks(model) first")
     names = check_streamable(model, resident, blocks)
     device = torch.device(device)
-    cuda = device.type == "cuda"
     modules = dict(model.named_modules())
-    maps: list[HostWeights] = []
-    for name in names[resident:]:
-        block = modules[name]
-        maps.append(HostWeights(block, device))
+    maps = [HostWeights(modules[name], device) for name in names[resident:]]
     for current, following in zip(maps, [*maps[1:], None], strict=True):
         current.following = following
     for name, weights in zip(names[resident:], maps, strict=True):
@@ -166,7 +162,7 @@ def stream_blocks(
         resident=names[:resident],
         host_bytes=sum(w.nbytes for w in maps),
         block_bytes=max((w.nbytes for w in maps), default=0),
-        prefetch=cuda,
+        prefetch=device.type == "cuda",
     )
 
 
